@@ -1,0 +1,114 @@
+"""Typed, frozen configuration of the data pipeline: sources, tokenizer, loader knobs.
+
+The run config's `data:` section is validated as `DataConfig(**section)`. Unknown keys are
+rejected (extra="forbid") so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Paths = Union[str, list[str]]
+
+
+class _Source(BaseModel):
+    """Fields shared by every source: its mixture weight (a proportion of documents)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weight: float = Field(1.0, gt=0)
+
+
+class EmbeddedSource(_Source):
+    """English text shipped with Python itself: pydoc topics and stdlib docstrings."""
+
+    type: Literal["embedded"] = "embedded"
+
+
+class TextSource(_Source):
+    """Plain UTF-8 text files; `documents` says whether a file or a paragraph is a document."""
+
+    type: Literal["text"] = "text"
+    path: Paths
+    documents: Literal["per_file", "blank_lines"] = "per_file"
+
+
+class JsonlSource(_Source):
+    """JSON Lines files, one document per non-blank line, its text in `field`."""
+
+    type: Literal["jsonl"] = "jsonl"
+    path: Paths
+    field: str = "text"
+
+
+class ParquetSource(_Source):
+    """Parquet files, one document per row, its text in `column` (needs pyarrow)."""
+
+    type: Literal["parquet"] = "parquet"
+    path: Paths
+    column: str = "text"
+
+
+class ArrayRecordSource(_Source):
+    """ArrayRecord files: UTF-8 text records, or token ids written by `maxtrain data prepare`."""
+
+    type: Literal["array_record"] = "array_record"
+    path: Paths
+
+
+class HFSource(_Source):
+    """A Hugging Face `datasets` dataset read in streaming mode (needs `datasets`)."""
+
+    type: Literal["hf"] = "hf"
+    name: str
+    subset: str | None = None
+    data_files: Paths | None = None
+    split: str = "train"
+    field: str = "text"
+    shuffle_buffer: int = Field(10_000, ge=1)
+
+
+SourceConfig = Annotated[
+    Union[EmbeddedSource, TextSource, JsonlSource, ParquetSource, ArrayRecordSource, HFSource],
+    Field(discriminator="type"),
+]
+
+
+class TokenizerConfig(BaseModel):
+    """Where the tokenizer comes from.
+
+    path: a sentencepiece `.model`, or a Hugging Face `tokenizer.json` (needs `tokenizers`).
+      None trains a sentencepiece model on the train split of the sources, with the model's
+      vocab_size, cached by content hash under $MAXTRAIN_CACHE or ~/.cache/maxtrain.
+    train_sentences: cap on the lines fed to the sentencepiece trainer (keeps training fast).
+    bos_token/eos_token/pad_token: special tokens of a tokenizer.json (sentencepiece models
+      carry their own ids).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str | None = None
+    model_type: Literal["bpe", "unigram", "char"] = "bpe"
+    train_sentences: int = Field(200_000, ge=1)
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+
+
+class DataConfig(BaseModel):
+    """The data pipeline: which documents, which tokenizer, how they are loaded.
+
+    eval_fraction: share of documents held out (by a stable hash of their id) for split="eval".
+    workers: tokenizer worker processes (0 tokenizes in the main process).
+    prefetch: packed batches prepared ahead by a background thread (0 disables).
+    on_bad_record: "error" stops with one line naming the record; "skip" counts and logs it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SourceConfig] = Field(default_factory=lambda: [EmbeddedSource()], min_length=1)
+    eval_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    shuffle: bool = True
+    workers: int = Field(0, ge=0)
+    prefetch: int = Field(2, ge=0)
+    on_bad_record: Literal["error", "skip"] = "error"
