@@ -145,9 +145,9 @@ def train_sentencepiece(sentences: Iterable[str], *, vocab_size: int, model_type
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=out, vocab_size=vocab_size, model_type=model_type,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=model_type != "char",
-            hard_vocab_limit=model_type != "bpe", character_coverage=0.9995 if model_type != "char" else 1.0,
+            hard_vocab_limit=False, character_coverage=0.9995 if model_type != "char" else 1.0,
             num_threads=os.cpu_count() or 1, max_sentence_length=4 * _MAX_SENTENCE_CHARS,
-            input_sentence_size=len(sentences), shuffle_input_sentence=False, minloglevel=2,
+            input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
         )
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
