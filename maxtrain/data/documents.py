@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from maxtrain.data import config as C
+from maxtrain.data.shuffle import EpochShuffleMapDataset
 from maxtrain.data.sources import BadRecord, open_source
 from maxtrain.errors import UserError
 
@@ -102,8 +103,8 @@ def document_dataset(cfg: C.DataConfig, tokenizer, sources: list, *, split: str,
         if split == "train":
             if cfg.shuffle:
                 # A per-source seed, so two sources of equal size are not shuffled alike.
-                ds = ds.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
-            ds = ds.repeat()  # Infinite; ShuffleMapDataset reshuffles each epoch (seed + epoch).
+                ds = EpochShuffleMapDataset(ds, seed=seed * 1_000_003 + i)
+            ds = ds.repeat()  # Infinite; the shuffle reshuffles each epoch.
             ds = ds[process_index::process_count]
         shares.append(ds.map(ReadAndTokenize(source, tokenizer)))
 
