@@ -100,3 +100,24 @@ def test_unigram_entropy_matches_direct_count(tmp_path):
     expected = float(-(p * np.log(p)).sum())
     got = unigram_entropy(cfg, tok, split="train", max_tokens=int(counts.sum()))
     assert abs(got - expected) < 0.02, (got, expected)
+
+
+def test_hf_tokenizer_json_behind_the_same_interface(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    cfg = DataConfig(tokenizer={"path": str(path), "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+    except ImportError:
+        path.write_text("{}")
+        with pytest.raises(UserError, match="needs the `tokenizers` package; pip install tokenizers"):
+            build_tokenizer(cfg, vocab_size=64)
+        return
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", "hello", "world"])}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(path))
+    tok = build_tokenizer(cfg, vocab_size=64)
+    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (6, 0, 2, 3) and tok.identity.startswith("hf:")
+    assert tok.encode("hello world hello") == [4, 5, 4] and tok.decode([4, 5]) == "hello world"
+    with pytest.raises(UserError, match="set data.tokenizer.bos_token and eos_token"):
+        build_tokenizer(DataConfig(tokenizer={"path": str(path)}), vocab_size=64)
