@@ -1,0 +1,219 @@
+"""Typed, frozen run configuration: YAML file + dotted `key=value` overrides + model presets.
+
+Each subsystem gets only its own section (`model`, `mesh`, `optimizer`, `train`, `data`,
+`eval`, `log`). Mistakes become a one-line `UserError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maxtrain.data.config import DataConfig
+from maxtrain.errors import UserError
+from maxtrain.model.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = CONFIG_DIR / "models"
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+# Logical axis -> mesh axes. FSDP shards the model dimension of every weight; tensor
+# parallelism shards heads, MLP and vocabulary (Megatron style). Switching strategy is a
+# change of mesh degrees (or of this table), never of model code.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+class MeshConfig(BaseModel):
+    """Device mesh degrees (product = device count; one may be -1 to fill) and sharding rules."""
+
+    model_config = _FROZEN
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+
+class OptimizerConfig(BaseModel):
+    """AdamW with a learning-rate schedule and global-norm clipping."""
+
+    model_config = _FROZEN
+    lr: float = Field(3e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    decay_steps: int | None = None  # None: decay over the whole run (`steps`)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1)  # WSD: final fraction of steps spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = Field(0.1, ge=0)
+    clip_norm: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(BaseModel):
+    """What the jitted step needs: batch geometry, precision, accumulation, remat, objective."""
+
+    model_config = _FROZEN
+    global_batch: int = Field(8, gt=0)
+    seq_len: int = Field(256, gt=0)
+    microbatches: int = Field(1, gt=0)  # gradient accumulation inside the step
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
+    remat: Literal["none", "full", "dots"] = "none"
+    z_loss: float = Field(0.0, ge=0)
+    objective: Literal["causal_lm"] = "causal_lm"
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation cadence."""
+
+    model_config = _FROZEN
+    every: int = Field(100, ge=0)  # 0 disables periodic eval (a final eval still runs)
+    batches: int = Field(8, gt=0)
+
+
+class LogConfig(BaseModel):
+    """Where and how often metrics go."""
+
+    model_config = _FROZEN
+    every: int = Field(10, gt=0)
+    tensorboard: bool = True
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a TTY, plain lines otherwise
+    peak_flops: float | None = None  # per device; None: datasheet table, or measured on CPU
+
+
+class RunConfig(BaseModel):
+    """A whole run. `model` is resolved from a preset in configs/models plus field overrides."""
+
+    model_config = _FROZEN
+    model: ModelConfig
+    preset: str | None = None
+    run_dir: str = "runs/demo"
+    steps: int = Field(600, gt=0)
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+
+    def to_yaml(self) -> str:
+        """The resolved config; loading it back gives the same run."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Fields of a model preset: a name in configs/models, or a path to a YAML file."""
+    is_file = name.endswith((".yaml", ".yml")) or "/" in name
+    path = Path(name) if is_file else PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        hint = difflib.get_close_matches(name, available, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"available: {', '.join(available)}"
+        raise UserError(f"model preset '{name}' not found in {PRESET_DIR}; {fix}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist; pass a YAML path such as configs/base.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{override}' is not key=value; write e.g. steps=100 or optimizer.lr=1e-3")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if part == "model" and isinstance(node.get("model"), str):
+            node["model"] = {"preset": node["model"]}
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_model(tree: dict[str, Any]) -> None:
+    """Replace `model: NAME` or `model: {preset: NAME, field: value}` by the full field dict."""
+    model = tree.get("model", "demo")
+    if isinstance(model, str):
+        model = {"preset": model}
+    if not isinstance(model, dict):
+        raise UserError("'model' must be a preset name or a mapping with 'preset' and field overrides")
+    model = dict(model)
+    preset = model.pop("preset", None) or tree.get("preset")
+    fields = load_preset(preset) if preset else {}
+    fields.update(model)
+    tree["model"] = fields
+    tree["preset"] = preset
+
+
+def _known_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    if first["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(loc, _known_keys(RunConfig), n=1, cutoff=0.6)
+        fix = f"did you mean '{hint[0]}'?" if hint else "remove it (see configs/base.yaml for the keys)"
+        return f"unknown config key '{loc}'; {fix}"
+    value = first.get("input")
+    shown = f" {value!r}" if not isinstance(value, dict) else ""
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"bad value for '{loc}':{shown} {first['msg'].lower()}{more}; fix it in the config or override"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config (defaults when `path` is None), apply overrides, resolve the preset, validate."""
+    tree = _read_yaml(path) if path is not None else {}
+    for override in overrides:
+        apply_override(tree, override)
+    _resolve_model(tree)
+    try:
+        return RunConfig(**tree)
+    except ValidationError as e:
+        raise UserError(_one_line(e)) from None
+    except TypeError as e:
+        raise UserError(f"malformed config: {e}; check the section structure against configs/base.yaml") from None

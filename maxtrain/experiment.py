@@ -1,0 +1,113 @@
+"""Wire a RunConfig into a mesh, model, objective, optimizer, sharded state and jitted step.
+
+No side effects beyond device allocation: the trainer, evaluation and tests all build the
+same pieces from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from maxtrain.config import RunConfig
+from maxtrain.errors import UserError
+from maxtrain.mesh import batch_sharding, build_mesh, data_parallel_size
+from maxtrain.model.transformer import Transformer
+from maxtrain.objectives import Objective, causal_lm_objective
+from maxtrain.optim import build_optimizer
+from maxtrain.step import TrainState, build_eval_step, build_train_step, init_train_state, jit_train_step
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """`auto` is bf16 on accelerators (f32 master weights stay in the params) and f32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return _DTYPES[name]
+
+
+def check_batch_geometry(cfg: RunConfig, mesh: Mesh) -> None:
+    """User errors for batch shapes the mesh or the model cannot take."""
+    t, dp = cfg.train, data_parallel_size(mesh)
+    if t.global_batch % dp:
+        raise UserError(
+            f"train.global_batch={t.global_batch} is not divisible by the data-parallel size {dp} "
+            f"(mesh.data x mesh.fsdp); use a multiple of {dp}"
+        )
+    if t.global_batch % t.microbatches or (t.global_batch // t.microbatches) % dp:
+        raise UserError(
+            f"train.global_batch={t.global_batch} must split into train.microbatches={t.microbatches} "
+            f"microbatches each divisible by the data-parallel size {dp}; use a global batch multiple of {dp * t.microbatches}"
+        )
+    if cfg.model.positions == "learned" and t.seq_len > cfg.model.max_seq_len:
+        raise UserError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} (learned positions); lower it"
+        )
+
+
+def make_apply_fn(model: nn.Module, rules) -> Callable[..., jax.Array]:
+    """`apply(params, tokens, positions, segment_ids, **kw)` with the logical-axis rules in scope."""
+
+    def apply(params, tokens, positions=None, segment_ids=None, **kwargs):
+        with nn.logical_axis_rules(rules):
+            return model.apply({"params": params}, tokens, positions, segment_ids, **kwargs)
+
+    return apply
+
+
+def build_objective(cfg: RunConfig, apply_fn) -> Objective:
+    """The objective named by `train.objective` (one table; modes add rows, not branches)."""
+    objectives = {"causal_lm": lambda: causal_lm_objective(apply_fn, z_loss=cfg.train.z_loss)}
+    return objectives[cfg.train.objective]()
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run computes with. `state` is born sharded; `train_step` is compiled on first use."""
+
+    cfg: RunConfig
+    mesh: Mesh
+    model: Transformer
+    apply_fn: Callable
+    objective: Objective
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+
+
+def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
+    """Build the mesh, sharded state and jitted steps for `cfg`."""
+    mesh = build_mesh(cfg.mesh, devices)
+    check_batch_geometry(cfg, mesh)
+    dtype = compute_dtype(cfg.train.compute_dtype)
+    model = Transformer(cfg.model, dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat)
+    rules = cfg.mesh.rules
+    apply_fn = make_apply_fn(model, rules)
+    objective = build_objective(cfg, apply_fn)
+    optimizer, schedule = build_optimizer(cfg.optimizer, cfg.steps)
+    example = jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32)
+
+    def init_params(rng):
+        with nn.logical_axis_rules(rules):
+            return model.init(rng, example)["params"]
+
+    with jax.set_mesh(mesh):
+        state, shardings = init_train_state(init_params, optimizer, cfg.seed, mesh, rules)
+    batch_shard = batch_sharding(mesh)
+    step = build_train_step(objective, optimizer, schedule, microbatches=cfg.train.microbatches, mesh=mesh)
+    train_step = jit_train_step(step, shardings, batch_shard)
+    eval_step = jax.jit(build_eval_step(objective), in_shardings=(shardings.params, batch_shard))
+    return Experiment(
+        cfg, mesh, model, apply_fn, objective, optimizer, schedule, state, shardings, batch_shard, train_step, eval_step
+    )

@@ -1,0 +1,75 @@
+"""Grouped-query self-attention with segment-aware masks (packed documents never see each other)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxtrain.model.config import ModelConfig
+from maxtrain.model.layers import Dtype, Linear, Norm, apply_rope, rope_frequencies
+
+
+def attention_mask(
+    segment_ids_BxS: jax.Array, *, causal: bool, sliding_window: int | None, kv_segment_ids_BxT: jax.Array | None = None
+) -> jax.Array:
+    """Boolean mask_BxSxT: True where query s may attend to key t.
+
+    Keys must belong to the same segment (packed document); causal masks use token order,
+    which within a segment equals position order. Padding (segment 0) attends to padding
+    only, so no row is fully masked (no NaN) and padding never leaks into real tokens.
+    """
+    kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
+    mask = segment_ids_BxS[:, :, None] == kv_seg[:, None, :]
+    s_idx = jnp.arange(segment_ids_BxS.shape[1])[:, None]
+    t_idx = jnp.arange(kv_seg.shape[1])[None, :]
+    if causal:
+        mask &= (t_idx <= s_idx)[None]
+    if sliding_window is not None:
+        mask &= (s_idx - t_idx < sliding_window)[None]
+    return mask
+
+
+def dot_product_attention(q_BxSxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, mask_BxSxT: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v with N query heads sharing K kv heads; softmax in f32."""
+    b, s, n, h = q_BxSxNxH.shape
+    k = k_BxTxKxH.shape[2]
+    q_BxSxKxGxH = q_BxSxNxH.reshape(b, s, k, n // k, h)
+    scores = jnp.einsum("bskgh,btkh->bkgst", q_BxSxKxGxH, k_BxTxKxH).astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask_BxSxT[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxH.dtype)
+    out_BxSxKxGxH = jnp.einsum("bkgst,btkh->bskgh", probs, v_BxTxKxH)
+    return out_BxSxKxGxH.reshape(b, s, n, h)
+
+
+class Attention(nn.Module):
+    """Self-attention: q/k/v projections (optional bias, qk-norm), RoPE, GQA, output projection."""
+
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
+        kw = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        q_BxSxNxH = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q", **kw)(x_BxSxD)
+        k_BxSxKxH = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k", **kw)(x_BxSxD)
+        v_BxSxKxH = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v", **kw)(x_BxSxD)
+        if cfg.qk_norm:
+            norm = dict(kind="rmsnorm", eps=cfg.norm_eps, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype)
+            q_BxSxNxH = Norm(name="q_norm", **norm)(q_BxSxNxH)
+            k_BxSxKxH = Norm(name="k_norm", **norm)(k_BxSxKxH)
+        if cfg.positions == "rope":
+            inv_freq = rope_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
+            q_BxSxNxH = apply_rope(q_BxSxNxH, positions_BxS, inv_freq)
+            k_BxSxKxH = apply_rope(k_BxSxKxH, positions_BxS, inv_freq)
+        q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("activation_batch", "activation_length", "activation_heads", None))
+        out_BxSxNxH = dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual-projection scaling
+        return Linear(
+            (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, name="o"
+        )(out_BxSxNxH)

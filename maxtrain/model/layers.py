@@ -1,0 +1,139 @@
+"""Building blocks: projections, norms, rotary embeddings, MLP. Every parameter names its logical axes.
+
+Parameters are stored in `param_dtype` and cast to the compute dtype at use, so f32 master
+weights with bf16 matmuls is a config change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxtrain.model.config import ModelConfig, RopeScaling
+
+Dtype = Any
+
+
+def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str], dtype: Dtype):
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W (+ b), where W maps `in_axes` dims of x to `out_shape` with logical names.
+
+    `in_shape`/`in_axes` describe the trailing input dims contracted (e.g. (heads, head_dim)
+    for the attention output projection), so weights keep their natural multi-dim layout
+    and shard per head.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(self.init_std)
+        kernel = _param(self, "kernel", init, self.in_shape + self.out_shape, self.in_axes + self.out_axes, self.param_dtype)
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama, Qwen) or LayerNorm with bias (GPT-2); statistics in f32 for stability."""
+
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+    axis_name: str = "norm"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        scale = _param(self, "scale", nn.initializers.ones, (dim,), (self.axis_name,), self.param_dtype)
+        if self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        bias = _param(self, "bias", nn.initializers.zeros, (dim,), (self.axis_name,), self.param_dtype)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies of RoPE, with Llama-3 wavelength-dependent scaling when configured.
+
+    Llama 3.1+ divides low frequencies (long wavelengths) by `factor`, keeps high ones, and
+    interpolates smoothly in between, so long contexts extrapolate without retraining.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def apply_rope(x_BxSxNxH: jax.Array, positions_BxS: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + H/2) of each head by position x frequency (the HF/Llama "half" layout)."""
+    angles_BxSxH2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_BxSxH2)[:, :, None, :], jnp.cos(angles_BxSxH2)[:, :, None, :]
+    x32 = x_BxSxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxSxNxH.dtype)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class Mlp(nn.Module):
+    """Gated (SwiGLU: down(act(gate x) * up x)) or plain (GPT-2: down(act(up x))) feed-forward."""
+
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dense = lambda name, i, o, ia, oa: Linear(  # noqa: E731
+            (i,), (o,), (ia,), (oa,), cfg.mlp_bias, cfg.init_std, self.dtype, self.param_dtype, name=name
+        )
+        act = _ACTIVATIONS[cfg.activation]
+        up_BxSxF = dense("up", cfg.d_model, cfg.ffn_dim, "embed", "mlp")(x_BxSxD)
+        if cfg.mlp == "gated":
+            gate_BxSxF = dense("gate", cfg.d_model, cfg.ffn_dim, "embed", "mlp")(x_BxSxD)
+            h_BxSxF = act(gate_BxSxF) * up_BxSxF
+        else:
+            h_BxSxF = act(up_BxSxF)
+        h_BxSxF = nn.with_logical_constraint(h_BxSxF, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense("down", cfg.ffn_dim, cfg.d_model, "mlp", "embed")(h_BxSxF)

@@ -1,0 +1,48 @@
+"""Training objectives: pure `objective(params, batch, rng) -> (loss_sum, metric_sums)`.
+
+Objectives return *sums* over tokens plus `metric_sums["weight"]` (the summed loss weights),
+so the step can accumulate microbatches exactly and divide once: accumulation over k
+microbatches equals the full batch regardless of how padding falls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+Objective = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+ApplyFn = Callable[..., jax.Array]
+
+
+def token_cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(nll_BxS, logsumexp_BxS) in f32."""
+    logits = logits_BxSxV.astype(jnp.float32)
+    lse_BxS = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_BxS = jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
+    return lse_BxS - target_logit_BxS, lse_BxS
+
+
+def causal_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0) -> Objective:
+    """Next-token cross-entropy weighted by `loss_weights`, plus optional z-loss (z * logsumexp^2).
+
+    The batch carries explicit `targets`, so packing, prompt masking (SFT) and masked-LM
+    targets are all data-format concerns, not objective code.
+    """
+
+    def objective(params, batch: Batch, rng: jax.Array):
+        del rng  # no dropout in the base stack
+        logits_BxSxV = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        nll_BxS, lse_BxS = token_cross_entropy(logits_BxSxV, batch["targets"])
+        w_BxS = batch["loss_weights"].astype(jnp.float32)
+        nll_sum = jnp.sum(nll_BxS * w_BxS)
+        z_sum = jnp.sum(jnp.square(lse_BxS) * w_BxS)
+        correct = jnp.argmax(logits_BxSxV, axis=-1) == batch["targets"]
+        metrics = {"weight": jnp.sum(w_BxS), "nll": nll_sum, "correct": jnp.sum(correct * w_BxS)}
+        if z_loss:
+            metrics["z_loss"] = z_loss * z_sum
+        return nll_sum + z_loss * z_sum, metrics
+
+    return objective

@@ -1,0 +1,164 @@
+"""The training loop: the only room with side effects (data, logging, files, progress)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from maxtrain.config import RunConfig
+from maxtrain.data import build_pipeline, build_tokenizer, make_global_batch, unigram_entropy
+from maxtrain.experiment import Experiment, build_experiment
+from maxtrain.metrics import MetricsWriter, peak_flops_total
+
+log = logging.getLogger("maxtrain")
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (CI logs, files, pipes)."""
+
+    def __init__(self, mode: str, total: int, initial: int, enabled: bool):
+        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.bar = None
+        self.enabled = enabled
+        self.total, self.t0, self.first = total, time.perf_counter(), initial
+        if enabled and use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            return
+        done = max(step - self.first, 1)
+        eta = (time.perf_counter() - self.t0) / done * (self.total - step)
+        log.info(
+            "step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f mfu %.3f eta %.0fs",
+            step, self.total, record["loss"], record["lr"], record["grad_norm"],
+            record["tokens_per_s"], record["mfu"], eta,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(exp: Experiment, batches: Iterator[dict], num_batches: int) -> dict[str, float]:
+    """Held-out loss and accuracy over up to `num_batches` batches (sums, divided once)."""
+    totals: dict[str, float] = {}
+    for _, local in zip(range(num_batches), batches):
+        sums = jax.device_get(exp.eval_step(exp.state.params, make_global_batch(local, exp.batch_sharding)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    weight = max(totals.get("weight", 0.0), 1.0)
+    return {
+        "eval_loss": totals.get("loss_sum", float("nan")) / weight,
+        "eval_accuracy": totals.get("correct", 0.0) / weight,
+        "eval_tokens": int(totals.get("weight", 0)),
+    }
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run `cfg` to `cfg.steps`; returns a summary (also written to RUN_DIR/summary.json)."""
+    is_main = jax.process_index() == 0
+    exp = build_experiment(cfg)
+    tokenizer = build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size)
+    run_dir = Path(cfg.run_dir)
+    writer = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
+
+    pipeline_args = dict(
+        seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+
+    def eval_batches():
+        return build_pipeline(cfg.data, tokenizer, split="eval", seed=cfg.seed, **pipeline_args)
+
+    train_batches = build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
+    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
+    peak = peak_flops_total(cfg.log.peak_flops)
+    n_params = cfg.model.param_count()
+    baseline = unigram_entropy(cfg.data, tokenizer, split="eval")
+    log.info(
+        "model %s: %.2fM params, %.3g FLOPs/token; mesh %s; %d tokens/step; unigram entropy %.3f nats",
+        cfg.preset or cfg.model.family, n_params / 1e6, flops_per_token, dict(exp.mesh.shape), tokens_per_step, baseline,
+    )  # fmt: skip
+
+    summary: dict[str, Any] = {"params": n_params, "unigram_entropy": baseline, "peak_flops": peak}
+    start = int(jax.device_get(exp.state.step))
+    progress = _Progress(cfg.log.progress, cfg.steps, start, enabled=is_main)
+
+    def emit(record: dict[str, Any]) -> None:
+        if writer is not None:
+            writer.write(record)
+
+    def run_eval(step: int) -> None:
+        record = {"step": step, **evaluate(exp, eval_batches(), cfg.eval.batches)}
+        summary.setdefault("first_eval_loss", record["eval_loss"])
+        summary["final_eval_loss"] = record["eval_loss"]
+        emit(record)
+        if is_main:
+            log.info("step %d eval_loss %.4f eval_accuracy %.3f", step, record["eval_loss"], record["eval_accuracy"])
+
+    with jax.set_mesh(exp.mesh):
+        if cfg.eval.every:
+            run_eval(start)
+        pending = None  # (step, device metrics): fetched one step late so the host never stalls the device
+        last_time, last_step, rates = None, start, []
+        for step in range(start + 1, cfg.steps + 1):
+            batch = make_global_batch(next(train_batches), exp.batch_sharding)
+            exp.state, metrics = exp.train_step(exp.state, batch)
+            if last_time is None:  # the first step includes compilation: time it apart
+                t0 = time.perf_counter()
+                jax.block_until_ready(metrics)
+                summary["compile_s"] = time.perf_counter() - t0
+                last_time, last_step = time.perf_counter(), step
+            if pending is not None and (pending[0] % cfg.log.every == 0):
+                record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
+                now = time.perf_counter()
+                if pending[0] > last_step:
+                    rate = (pending[0] - last_step) * tokens_per_step / (now - last_time)
+                    rates.append(rate)
+                    last_time, last_step = now, pending[0]
+                rate = rates[-1] if rates else float("nan")
+                record.update(
+                    tokens_per_s=rate,
+                    tokens_per_s_per_device=rate / jax.device_count(),
+                    mfu=rate * flops_per_token / peak,
+                )
+                emit(record)
+                progress.update(pending[0], record)
+            pending = (step, metrics)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
+                run_eval(step)
+        if pending is not None:
+            record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
+            rate = float(np.median(rates)) if rates else float("nan")
+            record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
+            emit(record)
+            progress.update(pending[0], record)
+            summary["final_loss"] = record["loss"]
+        run_eval(cfg.steps)
+    progress.close()
+    if rates:
+        summary["tokens_per_s"] = float(np.median(rates))
+        summary["mfu"] = summary["tokens_per_s"] * flops_per_token / peak
+    if writer is not None:
+        writer.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

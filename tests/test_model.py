@@ -1,0 +1,133 @@
+"""Model family: real preset shapes, packed-document isolation, causality, windows, the encoder seam."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxtrain.config import load_config
+from maxtrain.model.config import ModelConfig
+from maxtrain.model.layers import rope_frequencies
+from maxtrain.model.transformer import Transformer
+
+# Totals of the published checkpoints (sum of tensor sizes in the Hugging Face releases).
+PUBLISHED = {
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.1-8b": 8_030_261_248,
+    "llama2-7b": 6_738_415_616,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen3-0.6b": 596_049_920,
+    "gpt2": 124_439_808,
+}
+
+
+def _abstract_param_count(cfg: ModelConfig) -> int:
+    model = Transformer(cfg)
+    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_preset_has_published_parameter_count(preset):
+    cfg = load_config(None, [f"model={preset}"]).model
+    assert _abstract_param_count(cfg) == PUBLISHED[preset]
+    assert cfg.param_count() == PUBLISHED[preset]
+
+
+def test_llama32_1b_is_1_24b():
+    assert round(PUBLISHED["llama3.2-1b"] / 1e9, 2) == 1.24
+
+
+def _tiny(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def _logits(cfg, params, tokens, positions=None, segment_ids=None):
+    return jax.jit(Transformer(cfg).apply)({"params": params}, tokens, positions, segment_ids)
+
+
+def _init(cfg, seq=16):
+    init = jax.jit(Transformer(cfg).init)
+    return nn.unbox(init(jax.random.PRNGKey(1), jnp.zeros((1, seq), jnp.int32))["params"])
+
+
+FAMILIES = {
+    "llama": {},
+    "llama3-scaled-rope": dict(rope_scaling={"factor": 8.0, "original_max_position": 16}),
+    "qwen2": dict(qkv_bias=True, tie_embeddings=True),
+    "qwen3": dict(qk_norm=True, head_dim=16),
+    "mistral": dict(sliding_window=4),
+    "gpt2": dict(norm="layernorm", mlp="plain", activation="gelu_tanh", positions="learned", qkv_bias=True,
+                 out_bias=True, mlp_bias=True, tie_embeddings=True, num_kv_heads=None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_documents_do_not_see_each_other(family):
+    """Logits of a document packed after another equal its logits alone (positions restart)."""
+    cfg = _tiny(**FAMILIES[family])
+    params = _init(cfg)
+    rng = np.random.default_rng(0)
+    doc_a, doc_b = rng.integers(0, 64, 10), rng.integers(0, 64, 6)
+    packed = jnp.asarray(np.r_[doc_a, doc_b])[None]
+    positions = jnp.asarray(np.r_[np.arange(10), np.arange(6)])[None]
+    segments = jnp.asarray(np.r_[np.ones(10), 2 * np.ones(6)].astype(np.int32))[None]
+    packed_logits = _logits(cfg, params, packed, positions, segments)
+    alone = _logits(cfg, params, jnp.asarray(doc_b)[None])
+    np.testing.assert_allclose(packed_logits[0, 10:], alone[0], atol=1e-5)
+    alone_a = _logits(cfg, params, jnp.asarray(doc_a)[None])
+    np.testing.assert_allclose(packed_logits[0, :10], alone_a[0], atol=1e-5)
+
+
+def test_causal_decoder_ignores_future_and_encoder_does_not():
+    tokens = jnp.arange(12)[None] % 64
+    changed = tokens.at[0, 8].set(63)
+    for causal in (True, False):
+        cfg = _tiny(causal=causal)
+        params = _init(cfg)
+        before, after = _logits(cfg, params, tokens), _logits(cfg, params, changed)
+        diff = float(jnp.max(jnp.abs(before[0, :8] - after[0, :8])))
+        if causal:
+            assert diff == 0.0
+        else:
+            assert diff > 1e-3
+
+
+def test_sliding_window_limits_the_receptive_field():
+    cfg = _tiny(num_layers=1, sliding_window=4)
+    params = _init(cfg)
+    tokens = jnp.arange(12)[None] % 64
+    base = _logits(cfg, params, tokens)
+    outside = _logits(cfg, params, tokens.at[0, 3].set(60))  # 11 - 3 = 8 >= window
+    inside = _logits(cfg, params, tokens.at[0, 8].set(60))  # 11 - 8 = 3 < window
+    assert float(jnp.max(jnp.abs(base[0, 11] - outside[0, 11]))) == 0.0
+    assert float(jnp.max(jnp.abs(base[0, 11] - inside[0, 11]))) > 1e-4
+
+
+def test_llama3_rope_scaling_divides_only_low_frequencies():
+    from maxtrain.model.config import RopeScaling
+
+    plain = np.asarray(rope_frequencies(64, 500000.0, None))
+    scaled = np.asarray(rope_frequencies(64, 500000.0, RopeScaling(factor=32.0)))
+    wavelen = 2 * np.pi / plain
+    high = wavelen < 8192 / 4.0  # shorter than original_max / high_freq_factor: untouched
+    low = wavelen > 8192 / 1.0  # longer than original_max / low_freq_factor: divided by factor
+    np.testing.assert_allclose(scaled[high], plain[high], rtol=1e-6)
+    np.testing.assert_allclose(scaled[low], plain[low] / 32.0, rtol=1e-6)
+    mid = ~high & ~low
+    assert mid.any() and np.all(scaled[mid] < plain[mid]) and np.all(scaled[mid] > plain[mid] / 32.0)
+
+
+def test_family_switches_create_their_parameters():
+    params = _init(_tiny(qk_norm=True, qkv_bias=True, head_dim=16))
+    attn = params["layers"]["attn"]
+    assert attn["q_norm"]["scale"].shape == (2, 16)
+    assert attn["q"]["bias"].shape == (2, 4, 16)
+    assert attn["k"]["kernel"].shape == (2, 32, 2, 16)
+    gpt2 = _init(_tiny(**FAMILIES["gpt2"]))
+    assert gpt2["position_embedding"].shape == (64, 32)
+    assert "lm_head" not in gpt2 and gpt2["layers"]["attn_norm"]["bias"].shape == (2, 32)
