@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
+from maxtrain.distributed import describe_failure, is_multi_process, leave_now
 from maxtrain.errors import EXIT_USER_ERROR, UserError
 
 
@@ -19,11 +21,20 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]
 def _cmd_train(ns: argparse.Namespace) -> int:
     from maxtrain.config import load_config
 
+    if ns.dry_run:
+        from maxtrain.plan import run_plan
+
+        return run_plan(ns.args, ns.devices, ns.target, ns.memory_gb)
     path, overrides = _split_config_and_overrides(ns.args)
+    if ns.fresh:
+        overrides = [*overrides, "checkpoint.resume=false"]
     cfg = load_config(path, overrides)
+    from maxtrain.checkpoint.signals import EXIT_PREEMPTED
     from maxtrain.trainer import train
 
     summary = train(cfg)
+    if summary.get("preempted"):
+        return EXIT_PREEMPTED
     logging.getLogger("maxtrain").info(
         "done: eval_loss %.4f -> %.4f (unigram entropy %.4f); %.0f tokens/s, MFU %.3f",
         summary.get("first_eval_loss", float("nan")), summary.get("final_eval_loss", float("nan")),
@@ -41,10 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a YAML config (default: configs/base.yaml values) with dotted key=value overrides.",
     )
     train.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="config file, then overrides")
+    train.add_argument("--fresh", action="store_true",
+                       help="ignore run_dir's checkpoints and start over (they are moved aside, not deleted)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="do not train: compile for the target mesh on fake devices and print the fit check")
+    from maxtrain.plan import add_plan_arguments, register_commands as register_plan_commands
+
+    add_plan_arguments(train)
     train.set_defaults(func=_cmd_train)
+    register_plan_commands(sub)
     from maxtrain.data.commands import register_commands
 
     register_commands(sub)
+    from maxtrain.checkpoint.commands import register_commands as register_checkpoint_commands
+
+    register_checkpoint_commands(sub)
     return parser
 
 
@@ -64,10 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except UserError as e:
         print(f"maxtrain: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return leave_now(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("maxtrain: interrupted", file=sys.stderr)
-        return 130
+        return leave_now(130)
+    except Exception as e:
+        if not is_multi_process():
+            raise
+        # One of several processes: say which and why, then leave at once so the others stop too.
+        import jax
+
+        traceback.print_exc()
+        print(f"maxtrain: error: process {jax.process_index()} of {jax.process_count()} failed: {describe_failure(e)}",
+              file=sys.stderr)  # fmt: skip
+        return leave_now(1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from maxtrain.data.config import DataConfig
 from maxtrain.errors import UserError
+from maxtrain.finetune.config import FinetuneConfig
 from maxtrain.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -82,7 +83,9 @@ class TrainConfig(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
     remat: Literal["none", "full", "dots"] = "none"
     z_loss: float = Field(0.0, ge=0)
-    objective: Literal["causal_lm"] = "causal_lm"
+    # causal_lm: next token on every weighted target; sft: the same loss on response tokens only
+    # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.
+    objective: Literal["causal_lm", "sft", "classification"] = "causal_lm"
 
 
 class EvalConfig(BaseModel):
@@ -103,6 +106,47 @@ class LogConfig(BaseModel):
     peak_flops: float | None = None  # per device; None: datasheet table, or measured on CPU
 
 
+class CheckpointConfig(BaseModel):
+    """Training checkpoints under RUN_DIR/checkpoints (see maxtrain/checkpoint/).
+
+    every: save every N steps (0: only the final save and on preemption).
+    keep: the newest N checkpoints are kept; keep_best also keeps the one with the lowest eval loss.
+    async_save: write in the background while training continues.
+    resume: continue from the latest checkpoint in run_dir (false, or `maxtrain train --fresh`,
+    starts over and moves the old checkpoints and metrics aside).
+    restore_data: restore the data position too (false restarts the data stream, e.g. after
+    changing the number of processes).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # `async` or `async_save`
+    every: int = Field(100, ge=0)
+    keep: int = Field(3, gt=0)
+    keep_best: bool = False
+    async_save: bool = Field(True, alias="async")
+    resume: bool = True
+    restore_data: bool = True
+
+
+class DistributedConfig(BaseModel):
+    """How this process joins a multi-process run (see maxtrain/distributed.py and launch/).
+
+    cluster: auto detects SLURM (srun with several tasks), Kubernetes indexed Jobs/JobSets
+    (JOB_COMPLETION_INDEX) and TPU pods (TPU_WORKER_HOSTNAMES); `none` forces one process.
+    coordinator/num_processes/process_id: explicit settings (also from the environment
+    variables MAXTRAIN_COORDINATOR, MAXTRAIN_NUM_PROCESSES, MAXTRAIN_PROCESS_ID).
+    heartbeat_timeout_s: when a process dies, the others stop within about this long.
+    """
+
+    model_config = _FROZEN
+    cluster: Literal["auto", "none", "explicit", "slurm", "tpu", "kubernetes"] = "auto"
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = Field(None, gt=0)
+    process_id: int | None = Field(None, ge=0)
+    init_timeout_s: int = Field(300, gt=0)  # how long to wait for the coordinator and every process
+    heartbeat_timeout_s: int = Field(60, gt=0)
+    shutdown_timeout_s: int = Field(60, gt=0)  # how long a finished process waits for the others at exit
+
+
 class RunConfig(BaseModel):
     """A whole run. `model` is resolved from a preset in configs/models plus field overrides."""
 
@@ -118,6 +162,10 @@ class RunConfig(BaseModel):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    init_from: str | None = None  # exported params / checkpoint / run dir: new run from its weights, fresh optimizer
 
     def to_yaml(self) -> str:
         """The resolved config; loading it back gives the same run."""

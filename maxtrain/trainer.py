@@ -12,8 +12,14 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from maxtrain.checkpoint import TrainCheckpointer, init_state_from
+from maxtrain.checkpoint.params import tokenizer_file_bytes, write_atomic
+from maxtrain.checkpoint.resume import set_aside_previous_run, truncate_metrics
+from maxtrain.checkpoint.signals import PreemptionWatcher
 from maxtrain.config import RunConfig
 from maxtrain.data import build_pipeline, build_tokenizer, make_global_batch, unigram_entropy
+from maxtrain.distributed import initialize as initialize_distributed, max_over_processes
+from maxtrain.errors import UserError
 from maxtrain.experiment import Experiment, build_experiment
 from maxtrain.metrics import MetricsWriter, peak_flops_total
 
@@ -54,9 +60,21 @@ class _Progress:
 
 
 def evaluate(exp: Experiment, batches: Iterator[dict], num_batches: int) -> dict[str, float]:
-    """Held-out loss and accuracy over up to `num_batches` batches (sums, divided once)."""
+    """Held-out loss and accuracy over up to `num_batches` batches (sums, divided once).
+
+    With several processes each reads its own share of the held-out documents and may run
+    out sooner than the others; all agree on the largest count and pad with zero-weight
+    batches, so every process runs the same number of (collective) eval steps.
+    """
     totals: dict[str, float] = {}
-    for _, local in zip(range(num_batches), batches):
+    local_batches = [local for _, local in zip(range(num_batches), batches)]
+    count = max_over_processes(len(local_batches))
+    if count > len(local_batches):
+        if not local_batches:
+            raise UserError(f"process {jax.process_index()} has no eval batches; raise data.eval_fraction or use fewer processes")
+        padding = {k: np.zeros_like(v) for k, v in local_batches[0].items()}  # zero loss weights: adds nothing
+        local_batches += [padding] * (count - len(local_batches))
+    for local in local_batches:
         sums = jax.device_get(exp.eval_step(exp.state.params, make_global_batch(local, exp.batch_sharding)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
@@ -68,12 +86,42 @@ def evaluate(exp: Experiment, batches: Iterator[dict], num_batches: int) -> dict
     }
 
 
+def _start_state(cfg: RunConfig, exp: Experiment, tokenizer, run_dir: Path, is_main: bool):
+    """Resume from run_dir's latest good checkpoint, or start fresh (optionally from `init_from`).
+
+    Returns (checkpointer, data iterator state or None). Sets exp.state. Runs before the
+    metrics writer opens metrics.jsonl, which is cut back to the restored step.
+    """
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.checkpoint.resume:
+            set_aside_previous_run(run_dir)
+        name, data = tokenizer_file_bytes(tokenizer)  # so `maxtrain export` can ship the tokenizer
+        if not (run_dir / name).exists() or (run_dir / name).read_bytes() != data:
+            write_atomic(run_dir / name, data)
+    ckpt = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint, cfg=cfg, tokenizer_identity=tokenizer.identity)
+    restored = ckpt.restore_latest(exp.state)
+    if restored is not None:
+        exp.state, data_state, step = restored
+        log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
+        if is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+        return ckpt, data_state
+    if is_main:
+        set_aside_previous_run(run_dir, names=("metrics.jsonl",))  # from a run that never checkpointed
+    if cfg.init_from:
+        exp.state = init_state_from(exp, cfg.init_from)
+    return ckpt, None
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run `cfg` to `cfg.steps`; returns a summary (also written to RUN_DIR/summary.json)."""
+    initialize_distributed(cfg.distributed)  # before anything touches a device
     is_main = jax.process_index() == 0
     exp = build_experiment(cfg)
     tokenizer = build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size)
     run_dir = Path(cfg.run_dir)
+    ckpt, data_state = _start_state(cfg, exp, tokenizer, run_dir, is_main)
     writer = None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +137,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         return build_pipeline(cfg.data, tokenizer, split="eval", seed=cfg.seed, **pipeline_args)
 
     train_batches = build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
+    if data_state is not None:
+        train_batches.set_state(data_state)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
     peak = peak_flops_total(cfg.log.peak_flops)
@@ -107,19 +157,36 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if writer is not None:
             writer.write(record)
 
+    def flush_for_checkpoint(pending) -> None:
+        # A checkpoint at step N must never be newer than the metrics: emit step N's record
+        # now (it would come one step late), so a resumed run neither repeats nor skips it.
+        if pending is None or pending[0] % cfg.log.every:
+            return
+        record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
+        rate = rates[-1] if rates else float("nan")
+        record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
+        emit(record)
+        progress.update(pending[0], record)
+
+    last_eval: dict[int, float] = {}
+
     def run_eval(step: int) -> None:
         record = {"step": step, **evaluate(exp, eval_batches(), cfg.eval.batches)}
+        last_eval.clear()
+        last_eval[step] = record["eval_loss"]
         summary.setdefault("first_eval_loss", record["eval_loss"])
         summary["final_eval_loss"] = record["eval_loss"]
         emit(record)
         if is_main:
             log.info("step %d eval_loss %.4f eval_accuracy %.3f", step, record["eval_loss"], record["eval_accuracy"])
 
-    with jax.set_mesh(exp.mesh):
-        if cfg.eval.every:
+    rates: list[float] = []
+    preempted = False
+    with jax.set_mesh(exp.mesh), PreemptionWatcher() as watcher:
+        if cfg.eval.every and start == 0:  # a resumed run has that eval already
             run_eval(start)
         pending = None  # (step, device metrics): fetched one step late so the host never stalls the device
-        last_time, last_step, rates = None, start, []
+        last_time, last_step = None, start
         for step in range(start + 1, cfg.steps + 1):
             batch = make_global_batch(next(train_batches), exp.batch_sharding)
             exp.state, metrics = exp.train_step(exp.state, batch)
@@ -146,6 +213,17 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             pending = (step, metrics)
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
                 run_eval(step)
+            preempted = step != cfg.steps and watcher.should_stop()
+            if step != cfg.steps and (preempted or ckpt.should_save(step)):
+                flush_for_checkpoint(pending)
+                pending = None
+                ckpt.save(step, exp.state, train_batches.get_state(), eval_loss=last_eval.get(step))
+            if preempted:
+                ckpt.wait()
+                log.warning("stopped by %s after step %d; checkpoint %s written; rerun the same command to resume",
+                            watcher.signal_name, step, ckpt.directory / str(step))
+                summary.update(preempted=True, checkpoint_step=step)
+                break
         if pending is not None:
             record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
             rate = float(np.median(rates)) if rates else float("nan")
@@ -153,7 +231,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             emit(record)
             progress.update(pending[0], record)
             summary["final_loss"] = record["loss"]
-        run_eval(cfg.steps)
+        if start >= cfg.steps:
+            log.info("run already complete at step %d (raise steps to continue it, or --fresh to start over)", start)
+        elif not preempted:
+            run_eval(cfg.steps)
+            ckpt.save(cfg.steps, exp.state, train_batches.get_state(), eval_loss=last_eval.get(cfg.steps))
+    ckpt.close()
     progress.close()
     if rates:
         summary["tokens_per_s"] = float(np.median(rates))

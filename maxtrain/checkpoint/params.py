@@ -1,0 +1,213 @@
+"""Params on disk: export (no optimizer state), metadata, and restore into given shardings.
+
+An exported params dir and a training checkpoint step share one layout for the weights, so
+`load_params` reads either (or a run dir: its latest complete checkpoint):
+
+    EXPORT/params/           orbax StandardCheckpointer tree of the params
+    EXPORT/maxtrain.json     {"format": "maxtrain-params", "version", "model", "preset", "tokenizer", ...}
+    EXPORT/tokenizer.model   (or tokenizer.json) when the tokenizer file was given
+
+    RUN_DIR/checkpoints/<step>/params/              the same tree
+    RUN_DIR/checkpoints/<step>/maxtrain/maxtrain.json  {"format": "maxtrain-checkpoint", ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from importlib import metadata as _pkg_metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from maxtrain.errors import UserError
+
+log = logging.getLogger("maxtrain.checkpoint")
+
+METADATA_FILE = "maxtrain.json"
+PARAMS_ITEM = "params"
+META_ITEM = "maxtrain"  # the JSON item of a training checkpoint; holds METADATA_FILE
+CHECKPOINTS_DIR = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def maxtrain_version() -> str:
+    """The installed maxtrain version (recorded in every checkpoint and export)."""
+    try:
+        return _pkg_metadata.version("maxtrain")
+    except _pkg_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def base_metadata(cfg, *, fmt: str, tokenizer_identity: str | None = None) -> dict[str, Any]:
+    """Fields shared by exports and training checkpoints: format, version, model shapes, tokenizer."""
+    return {
+        "format": fmt,
+        "version": maxtrain_version(),
+        "model": cfg.model.model_dump(mode="json"),
+        "preset": cfg.preset,
+        "param_count": cfg.model.param_count(),
+        "tokenizer": {"identity": tokenizer_identity},
+    }
+
+
+def tokenizer_file_bytes(tokenizer) -> tuple[str, bytes]:
+    """(file name, contents) that recreate `tokenizer` (a sentencepiece model or a tokenizer.json)."""
+    state = tokenizer.__getstate__()  # the pickling state is the tokenizer's own serialized file
+    if "model_bytes" in state:
+        return "tokenizer.model", state["model_bytes"]
+    return "tokenizer.json", state["json_text"].encode("utf-8")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_params(path, params, *, cfg, tokenizer_path: str | None = None, extra: dict | None = None) -> None:
+    """Write params alone (no optimizer state) for inference and finetuning.
+
+    Writes PATH/params (orbax), copies the tokenizer file when given, and writes
+    PATH/maxtrain.json last: a directory without it is incomplete and `load_params` refuses it.
+    tokenizer_path: a sentencepiece .model or a tokenizer.json, copied as tokenizer.model/.json.
+    extra: more metadata fields (e.g. {"step": 1000, "source": "..."}).
+    """
+    import orbax.checkpoint as ocp
+
+    out = Path(path).absolute()
+    if (out / PARAMS_ITEM).exists() or (out / METADATA_FILE).exists():
+        raise UserError(f"'{out}' already holds exported params; choose a new directory or delete it first")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = base_metadata(cfg, fmt="maxtrain-params")
+        if tokenizer_path is not None:
+            src = Path(tokenizer_path)
+            name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
+            if not src.is_file():
+                raise UserError(f"tokenizer file '{src}' does not exist; pass the .model or tokenizer.json the model was trained with")
+            shutil.copyfile(src, out / name)
+            meta["tokenizer"]["file"] = name
+            meta["tokenizer"]["identity"] = _identity_of_file(out / name)
+        meta.update(extra or {})
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(out / PARAMS_ITEM, params)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        if jax.process_index() == 0:
+            write_atomic(out / METADATA_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    except OSError as e:
+        raise UserError(f"could not write params to '{out}': {e.strerror or e}; check free space and permissions") from None
+
+
+def _identity_of_file(path: Path) -> str:
+    import hashlib
+
+    data = path.read_bytes()
+    prefix = "hf:" if path.suffix == ".json" else "sp:"
+    return prefix + hashlib.sha256(data).hexdigest()[:12]
+
+
+def resolve_params_dir(path) -> tuple[Path, Path]:
+    """(dir holding the params item, dir holding maxtrain.json) for an export, a step dir or a run dir."""
+    p = Path(path).absolute()
+    if not p.exists():
+        raise UserError(f"'{p}' does not exist; pass an exported params dir, a checkpoint step dir or a run dir")
+    if (p / METADATA_FILE).is_file() and (p / PARAMS_ITEM).is_dir():
+        return p / PARAMS_ITEM, p
+    if (p / META_ITEM / METADATA_FILE).is_file() and (p / PARAMS_ITEM).is_dir():
+        return p / PARAMS_ITEM, p / META_ITEM
+    from maxtrain.checkpoint.manager import complete_steps
+
+    for root in (p / CHECKPOINTS_DIR, p):
+        steps = complete_steps(root)
+        if steps:
+            step_dir = root / str(steps[-1])
+            return step_dir / PARAMS_ITEM, step_dir / META_ITEM
+    raise UserError(
+        f"'{p}' holds no maxtrain params (no {METADATA_FILE} with params/, and no complete checkpoint under "
+        f"{CHECKPOINTS_DIR}/); pass the directory written by `maxtrain export` or a run dir"
+    )
+
+
+def read_metadata(path) -> dict:
+    """The maxtrain.json of an exported params dir, a training checkpoint step dir, or a run dir (latest)."""
+    _, meta_dir = resolve_params_dir(path)
+    try:
+        return json.loads((meta_dir / METADATA_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"'{meta_dir / METADATA_FILE}' is unreadable ({e}); the checkpoint is damaged, use another one") from None
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def shape_mismatches(saved_shapes: dict[str, tuple], wanted_shapes: dict[str, tuple]) -> list[str]:
+    """Human-readable differences between two {param path: shape} tables (empty when they agree)."""
+    problems = []
+    for name in sorted(set(saved_shapes) | set(wanted_shapes)):
+        saved, wanted = saved_shapes.get(name), wanted_shapes.get(name)
+        if saved is None:
+            problems.append(f"{name} missing in checkpoint (model wants {list(wanted)})")
+        elif wanted is None:
+            problems.append(f"{name} in checkpoint {list(saved)} but not in the model")
+        elif saved != wanted:
+            problems.append(f"{name} checkpoint {list(saved)} vs model {list(wanted)}")
+    return problems
+
+
+def saved_tree_metadata(item_dir: Path):
+    """The saved tree of array metadata (shape, dtype) of an orbax item dir, read without the arrays."""
+    import orbax.checkpoint as ocp
+
+    # The item handler, not a Checkpointer: a checkpoint's item dir has no step-level metadata.
+    return ocp.StandardCheckpointHandler().metadata(item_dir).tree
+
+
+def check_shapes(item_dir: Path, abstract_tree, *, what: str) -> None:
+    """UserError naming every parameter whose saved shape differs from `abstract_tree`'s."""
+    import orbax.checkpoint as ocp
+
+    saved_tree = saved_tree_metadata(item_dir)
+    problems = shape_mismatches(_flat_shapes(saved_tree), _flat_shapes(abstract_tree))
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise UserError(
+            f"{what} at '{item_dir.parent}' does not fit this model ({len(problems)} mismatching parameters: {shown}); "
+            "use the model config it was saved with (see its maxtrain.json)"
+        )
+
+
+def restore_tree(item_dir: Path, abstract_tree) -> Any:
+    """Restore an orbax StandardCheckpointer tree straight into the shardings of `abstract_tree`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(item_dir, abstract_tree)
+
+
+def load_params(path, abstract_params) -> Any:
+    """Params from an exported dir, a checkpoint step dir, or a run dir (its latest complete checkpoint).
+
+    abstract_params: pytree of jax.ShapeDtypeStruct with .sharding (e.g. jax.eval_shape of the init
+    plus Experiment.state_shardings.params); arrays are read directly into those shardings, so
+    any mesh shape or device count works. A shape mismatch is a UserError listing the parameters.
+    """
+    params_dir, _ = resolve_params_dir(path)
+    check_shapes(params_dir, abstract_params, what="params")
+    try:
+        return restore_tree(params_dir, abstract_params)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+        raise UserError(f"params at '{params_dir}' are damaged or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); use another checkpoint") from None
