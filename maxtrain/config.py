@@ -253,12 +253,22 @@ def _one_line(err: ValidationError) -> str:
     return f"bad value for '{loc}':{shown} {first['msg'].lower()}{more}; fix it in the config or override"
 
 
+def _resolve_chat_template(tree: dict[str, Any]) -> None:
+    """`data.format.template: auto` becomes the chat template of the model family (see data/formats.py)."""
+    fmt = (tree.get("data") or {}).get("format") if isinstance(tree.get("data"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "sft" and fmt.get("template", "auto") == "auto":
+        from maxtrain.data.formats import FAMILY_TEMPLATES
+
+        fmt["template"] = FAMILY_TEMPLATES.get(tree["model"].get("family", "llama"), "plain")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run config (defaults when `path` is None), apply overrides, resolve the preset, validate."""
     tree = _read_yaml(path) if path is not None else {}
     for override in overrides:
         apply_override(tree, override)
     _resolve_model(tree)
+    _resolve_chat_template(tree)
     try:
         return RunConfig(**tree)
     except ValidationError as e:

@@ -19,7 +19,9 @@ from maxtrain.config import RunConfig
 from maxtrain.errors import UserError
 from maxtrain.mesh import batch_sharding, build_mesh, data_parallel_size
 from maxtrain.model.transformer import Transformer
-from maxtrain.objectives import Objective, causal_lm_objective
+from maxtrain.finetune.trainable import TrainableSet, path_name, trainable_set
+from maxtrain.model.config import ModelConfig
+from maxtrain.objectives import Objective, causal_lm_objective, classification_objective, sft_objective
 from maxtrain.optim import build_optimizer
 from maxtrain.step import TrainState, build_eval_step, build_train_step, init_train_state, jit_train_step
 
@@ -64,8 +66,28 @@ def make_apply_fn(model: nn.Module, rules) -> Callable[..., jax.Array]:
 
 def build_objective(cfg: RunConfig, apply_fn) -> Objective:
     """The objective named by `train.objective` (one table; modes add rows, not branches)."""
-    objectives = {"causal_lm": lambda: causal_lm_objective(apply_fn, z_loss=cfg.train.z_loss)}
+    objectives = {
+        "causal_lm": lambda: causal_lm_objective(apply_fn, z_loss=cfg.train.z_loss),
+        "sft": lambda: sft_objective(apply_fn, z_loss=cfg.train.z_loss),
+        "classification": lambda: classification_objective(apply_fn),
+    }
     return objectives[cfg.train.objective]()
+
+
+def finetuned_model_config(cfg: RunConfig) -> ModelConfig:
+    """The run's model: the base architecture plus the `finetune:` additions (LoRA, a head)."""
+    if cfg.train.objective == "classification" and cfg.finetune.classifier is None:
+        raise UserError("train.objective=classification needs a head; set finetune.classifier.num_labels")
+    return cfg.model.model_copy(update={"lora": cfg.finetune.lora, "classifier": cfg.finetune.classifier})
+
+
+def trainable_parts(cfg: RunConfig) -> tuple[TrainableSet, Callable | None, Callable | None]:
+    """(trainable set, leaf predicate or None for all, row-mask fn or None) for the optimizer and step."""
+    ts = trainable_set(cfg.finetune, cfg.model.num_layers)
+    if ts.everything:
+        return ts, None, None
+    rows = (lambda path, ndim: ts.row_mask(path_name(path), ndim)) if ts.frozen_layers else None
+    return ts, ts.leaf_predicate(), rows
 
 
 @dataclasses.dataclass
@@ -84,6 +106,7 @@ class Experiment:
     batch_sharding: NamedSharding
     train_step: Callable
     eval_step: Callable
+    trainable: TrainableSet | None = None
 
 
 def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
@@ -91,11 +114,12 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
     mesh = build_mesh(cfg.mesh, devices)
     check_batch_geometry(cfg, mesh)
     dtype = compute_dtype(cfg.train.compute_dtype)
-    model = Transformer(cfg.model, dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat)
+    model = Transformer(finetuned_model_config(cfg), dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat)
     rules = cfg.mesh.rules
     apply_fn = make_apply_fn(model, rules)
     objective = build_objective(cfg, apply_fn)
-    optimizer, schedule = build_optimizer(cfg.optimizer, cfg.steps)
+    trainable, is_trainable, row_masks = trainable_parts(cfg)
+    optimizer, schedule = build_optimizer(cfg.optimizer, cfg.steps, is_trainable, row_masks)
     example = jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32)
 
     def init_params(rng):
@@ -105,9 +129,12 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
     with jax.set_mesh(mesh):
         state, shardings = init_train_state(init_params, optimizer, cfg.seed, mesh, rules)
     batch_shard = batch_sharding(mesh)
-    step = build_train_step(objective, optimizer, schedule, microbatches=cfg.train.microbatches, mesh=mesh)
+    step = build_train_step(
+        objective, optimizer, schedule, microbatches=cfg.train.microbatches, mesh=mesh, trainable=is_trainable
+    )
     train_step = jit_train_step(step, shardings, batch_shard)
     eval_step = jax.jit(build_eval_step(objective), in_shardings=(shardings.params, batch_shard))
     return Experiment(
-        cfg, mesh, model, apply_fn, objective, optimizer, schedule, state, shardings, batch_shard, train_step, eval_step
+        cfg, mesh, model, apply_fn, objective, optimizer, schedule, state, shardings, batch_shard, train_step, eval_step,
+        trainable,
     )

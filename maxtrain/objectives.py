@@ -46,3 +46,40 @@ def causal_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0) -> Objective:
         return nll_sum + z_loss * z_sum, metrics
 
     return objective
+
+
+def _dropout_rngs(rng: jax.Array | None) -> dict:
+    # Training passes the step's rng (LoRA dropout draws from it); evaluation passes None.
+    return {} if rng is None else {"rngs": {"dropout": rng}}
+
+
+def sft_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0) -> Objective:
+    """Instruction tuning: the causal-LM loss, with the step's rng as the dropout rng.
+
+    Which tokens count (responses only, EOS included) is the SFT data format's job: it sets
+    loss_weights to zero on prompts, so this objective adds nothing but dropout.
+    """
+
+    def objective(params, batch: Batch, rng: jax.Array | None):
+        apply = lambda *args, **kw: apply_fn(*args, **kw, **_dropout_rngs(rng))  # noqa: E731
+        return causal_lm_objective(apply, z_loss=z_loss)(params, batch, rng)
+
+    return objective
+
+
+def classification_objective(apply_fn: ApplyFn) -> Objective:
+    """Cross-entropy of the classification head on `labels` [B] (label < 0: a padding row, no weight)."""
+
+    def objective(params, batch: Batch, rng: jax.Array | None):
+        logits_BxC = apply_fn(
+            params, batch["tokens"], batch["positions"], batch["segment_ids"], classify=True, **_dropout_rngs(rng)
+        ).astype(jnp.float32)
+        labels_B = batch["labels"]
+        w_B = (labels_B >= 0).astype(jnp.float32)
+        safe_B = jnp.maximum(labels_B, 0)
+        nll_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, safe_B[:, None], axis=-1)[:, 0]
+        correct_B = (jnp.argmax(logits_BxC, axis=-1) == labels_B).astype(jnp.float32)
+        nll_sum = jnp.sum(nll_B * w_B)
+        return nll_sum, {"weight": jnp.sum(w_B), "nll": nll_sum, "correct": jnp.sum(correct_B * w_B)}
+
+    return objective

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import optax
@@ -48,8 +48,20 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, schedule): clip by global norm, then AdamW with masked decay."""
+def build_optimizer(
+    cfg: OptimizerConfig,
+    total_steps: int,
+    trainable: Callable[[tuple], bool] | None = None,
+    row_masks: Callable[[tuple, int], Any] | None = None,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule): clip by global norm, then AdamW with masked decay.
+
+    trainable: `(key_path) -> bool`; frozen leaves go through `set_to_zero` and hold no
+      optimizer state (optax.multi_transform). None: every leaf trains.
+    row_masks: `(key_path, ndim) -> 0/1 array or None`, multiplied into gradients before and
+      updates after AdamW, so frozen slices of a stacked leaf (the first k layers) neither
+      move nor decay.
+    """
     schedule = build_schedule(cfg, total_steps)
     chain = []
     if cfg.clip_norm is not None:
@@ -57,4 +69,27 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradi
     chain.append(
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask)
     )
-    return optax.chain(*chain), schedule
+    optimizer = optax.chain(*chain)
+    if trainable is not None:
+        labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: "train" if trainable(path) else "frozen", params
+        )
+        optimizer = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+    if row_masks is not None:
+        optimizer = optax.chain(_scale_rows(row_masks), optimizer, _scale_rows(row_masks))
+    return optimizer, schedule
+
+
+def _scale_rows(row_masks: Callable[[tuple, int], Any]) -> optax.GradientTransformation:
+    """Multiply each leaf by its row mask (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(path, u):
+            mask = row_masks(path, u.ndim)
+            return u if mask is None else u * mask.astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -76,9 +76,34 @@ def build_train_step(
     *,
     microbatches: int = 1,
     mesh: Mesh | None = None,
+    trainable: Callable[[tuple], bool] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The pure step: grads summed over microbatches, normalised once by the loss weight, AdamW update."""
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    """The pure step: grads summed over microbatches, normalised once by the loss weight, AdamW update.
+
+    trainable: `(key_path) -> bool` over parameter leaves; only those are differentiated (the
+      frozen ones enter the objective as constants, so no gradient is ever computed for them).
+      None: all leaves. Every mode (pretraining, full/partial/LoRA finetuning, SFT,
+      classification) is this same function; they differ by objective, this set and the data.
+    """
+
+    def grad_fn(params, batch, rng):
+        # Differentiate w.r.t. the trainable leaves only: a flat list, rebuilt into the tree.
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        keep = [trainable is None or trainable(path) for path, _ in flat]
+        leaves = [x for _, x in flat]
+
+        def of_trainable(train_leaves):
+            it = iter(train_leaves)
+            full = [next(it) if k else x for x, k in zip(leaves, keep)]
+            return objective(treedef.unflatten(full), batch, rng)
+
+        return jax.value_and_grad(of_trainable, has_aux=True)([x for x, k in zip(leaves, keep) if k])
+
+    def full_grads(params, train_grads):
+        """The gradient tree the optimizer expects; frozen leaves get zeros it never reads."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        it = iter(train_grads)
+        return treedef.unflatten([next(it) if trainable is None or trainable(p) else jnp.zeros_like(x) for p, x in flat])
 
     def sums_and_grads(params, batch, rng):
         if microbatches == 1:
@@ -103,14 +128,15 @@ def build_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        loss_sum, sums, grads = sums_and_grads(state.params, batch, step_rng)
+        loss_sum, sums, train_grads = sums_and_grads(state.params, batch, step_rng)
         weight = jnp.maximum(sums["weight"], 1.0)
-        grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
+        train_grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), train_grads)
+        grads = full_grads(state.params, train_grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss_sum / weight,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": optax.tree.norm(train_grads),
             "lr": schedule(state.step),
             "tokens": sums["weight"],
             **{k: v / weight for k, v in sums.items() if k != "weight"},
@@ -121,10 +147,10 @@ def build_train_step(
 
 
 def build_eval_step(objective: Objective) -> Callable[[Any, dict], dict]:
-    """Sums of the objective's metrics on one batch (the caller adds batches, then divides)."""
+    """Sums of the objective's metrics on one batch (the caller adds batches, then divides); rng=None."""
 
     def eval_step(params, batch):
-        loss_sum, sums = objective(params, batch, jax.random.PRNGKey(0))
+        loss_sum, sums = objective(params, batch, None)  # no rng: no dropout in evaluation
         return {"loss_sum": loss_sum, **sums}
 
     return eval_step

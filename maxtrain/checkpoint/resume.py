@@ -10,8 +10,7 @@ from pathlib import Path
 
 import jax
 
-from maxtrain.checkpoint.manager import abstract_of
-from maxtrain.checkpoint.params import load_params, read_metadata
+from maxtrain.checkpoint.params import read_metadata
 
 log = logging.getLogger("maxtrain.checkpoint")
 
@@ -23,7 +22,9 @@ def init_state_from(exp, path: str):
     and rng stay those of the new run.
     """
     meta = read_metadata(path)
-    params = load_params(path, abstract_of(exp.state.params))
+    from maxtrain.finetune.init import load_pretrained  # base weights; LoRA factors and heads stay fresh
+
+    params = load_pretrained(path, exp.state.params)
     opt_state = jax.jit(exp.optimizer.init, out_shardings=exp.state_shardings.opt_state)(params)
     log.info("initialised from %s (%s, saved at step %s); fresh optimizer at step 0",
              path, meta.get("format"), meta.get("step", "-"))

@@ -75,6 +75,43 @@ SourceConfig = Annotated[
 ]
 
 
+class TextFormat(BaseModel):
+    """Plain documents: [BOS] + text + [EOS], every token a target (pretraining)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["text"] = "text"
+
+
+class SftFormat(BaseModel):
+    """Instruction tuning from JSONL records: Alpaca {instruction, input, output} or chat {messages}.
+
+    template: a chat template name (plain, llama3, chatml, mistral, alpaca) or auto (the one of
+      model.family; see maxtrain/data/formats.py). Loss weights are 1 on assistant replies
+      (with their end-of-turn text and EOS) and 0 on everything else.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["sft"] = "sft"
+    template: str = "auto"
+
+
+class ClassificationFormat(BaseModel):
+    """Sequence classification from JSONL {text, label}; one example per row, with `labels` [B].
+
+    labels: label names in id order when the records hold names; None: records hold ids.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["classification"] = "classification"
+    num_labels: int = Field(2, gt=1)
+    labels: list[str] | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+FormatConfig = Annotated[Union[TextFormat, SftFormat, ClassificationFormat], Field(discriminator="type")]
+
+
 class TokenizerConfig(BaseModel):
     """Where the tokenizer comes from.
 
@@ -102,6 +139,7 @@ class DataConfig(BaseModel):
     workers: tokenizer worker processes (0 tokenizes in the main process).
     prefetch: packed batches prepared ahead by a background thread (0 disables).
     on_bad_record: "error" stops with one line naming the record; "skip" counts and logs it.
+    format: how records become documents (text, sft, classification; see maxtrain/data/formats.py).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -112,3 +150,4 @@ class DataConfig(BaseModel):
     workers: int = Field(0, ge=0)
     prefetch: int = Field(2, ge=0)
     on_bad_record: Literal["error", "skip"] = "error"
+    format: FormatConfig = Field(default_factory=TextFormat)

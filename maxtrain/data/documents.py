@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from maxtrain.data import config as C
+from maxtrain.data.formats import RecordEncoder, record_text
 from maxtrain.data.shuffle import EpochShuffleMapDataset
 from maxtrain.data.sources import BadRecord, open_source
 from maxtrain.errors import UserError
@@ -44,32 +45,38 @@ def split_indices(source, split: str, eval_fraction: float) -> np.ndarray:
 
 
 class ReadAndTokenize:
-    """Map function run in grain workers: document index -> {"tokens": [BOS]+ids+[EOS]} or {"bad": ...}."""
+    """Map function run in grain workers: document index -> {"tokens": [BOS]+ids+[EOS]} or {"bad": ...}.
 
-    def __init__(self, source, tokenizer):
+    Structured data formats (sft, classification) add per-target "weights" or a "label"
+    (see maxtrain.data.formats).
+    """
+
+    def __init__(self, source, tokenizer, fmt=None):
         self._source, self._tok = source, tokenizer
+        self._encode = RecordEncoder(fmt or C.TextFormat(), tokenizer)
+        self._where = getattr(source, "description", "record")
 
     def __call__(self, index) -> dict:  # pylint: disable=missing-function-docstring
         # Streaming sources hand over the record itself, random-access ones its index.
         record = index if self._source is None else self._source[int(index)]
         if isinstance(record, BadRecord):
             return {"bad": tuple(record)}
-        ids = record if isinstance(record, np.ndarray) else self._tok.encode(record)
-        tokens = np.empty(len(ids) + 2, np.int32)
-        tokens[0], tokens[1:-1], tokens[-1] = self._tok.bos_id, ids, self._tok.eos_id
-        return {"tokens": tokens}
+        return self._encode(record, f"{self._where} (document {index})")
 
 
 def open_sources(cfg: C.DataConfig, tokenizer=None) -> list:
     """The document sources of `cfg`, indexed; checks prepared data against the tokenizer."""
     sources = []
+    structured = cfg.format.type != "text"
     for i, scfg in enumerate(cfg.sources):
+        if structured and not isinstance(scfg, C.JsonlSource):
+            raise UserError(f"data.format {cfg.format.type} reads JSONL records; data.sources[{i}] is {scfg.type}, use type: jsonl")
         if isinstance(scfg, C.HFSource):
             from maxtrain.data.hf import HFDocuments
 
             sources.append(HFDocuments(scfg, f"data.sources[{i}] (hf {scfg.name})"))
             continue
-        source = open_source(scfg, i)
+        source = open_source(scfg, i, whole_records=structured)
         if tokenizer is not None and source.prepared_tokenizer not in (None, tokenizer.identity):
             raise UserError(
                 f"{source.description} was prepared with tokenizer {source.prepared_tokenizer} but the run uses "
@@ -91,7 +98,7 @@ def document_dataset(cfg: C.DataConfig, tokenizer, sources: list, *, split: str,
         if not _random_access(source):
             shares.append(source.dataset(split=split, eval_fraction=cfg.eval_fraction, seed=seed + i,
                                          shuffle=cfg.shuffle, process_index=process_index,
-                                         process_count=process_count).map(ReadAndTokenize(None, tokenizer)))
+                                         process_count=process_count).map(ReadAndTokenize(None, tokenizer, cfg.format)))
             continue
         indices = split_indices(source, split, cfg.eval_fraction)
         if len(indices) == 0 and (split == "train" or len(sources) == 1):
@@ -106,7 +113,7 @@ def document_dataset(cfg: C.DataConfig, tokenizer, sources: list, *, split: str,
                 ds = EpochShuffleMapDataset(ds, seed=seed * 1_000_003 + i)
             ds = ds.repeat()  # Infinite; the shuffle reshuffles each epoch.
             ds = ds[process_index::process_count]
-        shares.append(ds.map(ReadAndTokenize(source, tokenizer)))
+        shares.append(ds.map(ReadAndTokenize(source, tokenizer, cfg.format)))
 
     if split == "eval":
         if all(isinstance(s, grain.MapDataset) for s in shares):
@@ -162,6 +169,6 @@ def sample_texts(cfg: C.DataConfig, sources: list, *, max_docs: int = 1_000_000)
                 skipped += 1
                 continue
             n += 1
-            yield record
+            yield record_text(record)
     if skipped:
         log.warning("tokenizer training skipped %d bad records", skipped)

@@ -6,6 +6,7 @@ in a row continues at the start of the next one, so no token is lost or repeated
     tokens        the inputs, each token of the stream exactly once
     targets       the next token of the same document (pad where there is none)
     loss_weights  1.0 where a target exists; 0.0 on a document's last token and on padding
+                  (documents with per-target "weights", e.g. SFT, use those: 0 on prompts)
     segment_ids   1, 2, 3, ... per document piece in the row; 0 on padding
     positions     0, 1, 2, ... within the piece (a continued document restarts at 0)
 
@@ -46,6 +47,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._rows, self._seq_len, self._pad_id, self._skip_bad = rows, seq_len, pad_id, skip_bad
         self._doc: np.ndarray | None = None
+        self._weights: np.ndarray | None = None
         self._doc_state = None  # Upstream state just before self._doc was read.
         self._offset = 0  # Tokens of self._doc already packed.
         self._skipped = 0
@@ -63,6 +65,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 self._bad(*element["bad"])
                 continue
             self._doc, self._doc_state, self._offset = element["tokens"], state, 0
+            self._weights = element.get("weights")  # per target; None: every target counts
             return True
 
     def _bad(self, where: str, reason: str):
@@ -93,7 +96,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 targets = doc[start + 1 : start + n + 1]  # One short when the document ends here.
                 batch["tokens"][r, col : col + n] = doc[start : start + n]
                 batch["targets"][r, col : col + len(targets)] = targets
-                batch["loss_weights"][r, col : col + len(targets)] = 1.0
+                weights = 1.0 if self._weights is None else self._weights[start : start + len(targets)]
+                batch["loss_weights"][r, col : col + len(targets)] = weights
                 batch["segment_ids"][r, col : col + n] = segment
                 batch["positions"][r, col : col + n] = np.arange(n)
                 col += n

@@ -18,6 +18,7 @@ from typing import Literal
 import grain
 import numpy as np
 
+from maxtrain.data.classification import RowBatchIterDataset
 from maxtrain.data.config import DataConfig
 from maxtrain.data.documents import document_dataset, open_sources, sample_texts
 from maxtrain.data.packing import PackedBatchIterDataset
@@ -127,8 +128,10 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "
     if workers:
         _allow_grain_workers()
         docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=16))
-    ds = PackedBatchIterDataset(docs, rows=global_batch // process_count, seq_len=seq_len, pad_id=tok.pad_id,
-                                skip_bad=cfg.on_bad_record == "skip")
+    # Classification keeps one example per row (the head pools a row); other formats pack.
+    batcher = RowBatchIterDataset if cfg.format.type == "classification" else PackedBatchIterDataset
+    ds = batcher(docs, rows=global_batch // process_count, seq_len=seq_len, pad_id=tok.pad_id,
+                 skip_bad=cfg.on_bad_record == "skip")
     settings = [cfg.model_dump(mode="json"), tok.identity, split, seq_len, global_batch, seed, process_index, process_count, workers]
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return DataIterator(ds, fingerprint, cfg.prefetch)

@@ -90,9 +90,11 @@ class SpanDocuments:
 
     prepared_tokenizer = None
 
-    def __init__(self, cfg: C.TextSource | C.JsonlSource, what: str):
+    def __init__(self, cfg: C.TextSource | C.JsonlSource, what: str, whole_records: bool = False):
         self.description = what
-        self._field = cfg.field if isinstance(cfg, C.JsonlSource) else None
+        self._jsonl = isinstance(cfg, C.JsonlSource)
+        # whole_records: structured formats (sft, classification) read the JSON object itself.
+        self._field = None if whole_records or not self._jsonl else cfg.field
         self._per_file = isinstance(cfg, C.TextSource) and cfg.documents == "per_file"
         self._paths = expand_paths(cfg.path, what=what)
         files, starts, ends, numbers = [], [], [], []
@@ -112,7 +114,7 @@ class SpanDocuments:
 
     def _spans(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         """Start and end bytes of each non-blank line (JSONL) or paragraph (text)."""
-        if self._field is None:
+        if not self._jsonl:
             bounds = [0] + [x for m in _PARAGRAPH_BREAK.finditer(data) for x in m.span()] + [len(data)]
             s, e = np.array(bounds[0::2]), np.array(bounds[1::2])
         else:
@@ -138,7 +140,7 @@ class SpanDocuments:
         if self._per_file:
             return _decode(read_bytes(path), path)
         raw = read_bytes(path, int(self._start[i]), int(self._end[i]))
-        if self._field is None:
+        if not self._jsonl:
             return _decode(raw, f"{path} (paragraph at byte {self._start[i]})")
         where = f"{path} (record {self._number[i] + 1}, byte {self._start[i]})"
         line = _decode(raw, where)
@@ -148,6 +150,8 @@ class SpanDocuments:
             record = json.loads(line)
         except ValueError as e:
             return BadRecord(where, f"invalid JSON ({e.msg})")
+        if self._field is None:
+            return record if isinstance(record, dict) else BadRecord(where, "record is not a JSON object")
         if not isinstance(record, dict) or self._field not in record:
             return BadRecord(where, f"field {self._field!r} is missing")
         text = record[self._field]
@@ -279,16 +283,17 @@ class ArrayRecordDocuments:
         return _decode(raw, where)
 
 
-def open_source(cfg, index: int):
+def open_source(cfg, index: int, whole_records: bool = False):
     """The random-access document source for one (non-streaming) source config.
 
     index: the source's position in `data.sources`, used in messages.
+    whole_records: JSONL sources return each parsed JSON object (structured data formats).
     """
     what = f"data.sources[{index}] ({cfg.type})"
     if isinstance(cfg, C.EmbeddedSource):
         source = EmbeddedDocuments()
     elif isinstance(cfg, (C.TextSource, C.JsonlSource)):
-        source = SpanDocuments(cfg, what)
+        source = SpanDocuments(cfg, what, whole_records)
     elif isinstance(cfg, C.ParquetSource):
         source = ParquetDocuments(cfg, what)
     elif isinstance(cfg, C.ArrayRecordSource):

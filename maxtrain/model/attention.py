@@ -50,12 +50,13 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode: bool = False  # generation: keys/values also go to (and attention reads) the "cache" collection
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array) -> jax.Array:
         cfg = self.cfg
         n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
-        kw = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype, lora=cfg.lora)
         q_BxSxNxH = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q", **kw)(x_BxSxD)
         k_BxSxKxH = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k", **kw)(x_BxSxD)
         v_BxSxKxH = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v", **kw)(x_BxSxD)
@@ -67,9 +68,31 @@ class Attention(nn.Module):
             inv_freq = rope_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
             q_BxSxNxH = apply_rope(q_BxSxNxH, positions_BxS, inv_freq)
             k_BxSxKxH = apply_rope(k_BxSxKxH, positions_BxS, inv_freq)
+        if self.decode:
+            k_BxSxKxH, v_BxSxKxH, mask_BxSxT = self._attend_to_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS)
         q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("activation_batch", "activation_length", "activation_heads", None))
         out_BxSxNxH = dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual-projection scaling
         return Linear(
-            (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, name="o"
+            (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, cfg.lora, name="o"
         )(out_BxSxNxH)
+
+    def _attend_to_cache(self, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxS: jax.Array):
+        """Write these keys/values into the KV cache at their positions; return the whole cache and its mask.
+
+        Cache slot t holds position t of each row, so rows of one batch may sit at different
+        lengths: a query at position p sees slots t <= p (within the window). Slots past a
+        row's position hold stale or zero values that the mask hides until they are written.
+        """
+        b, _, k, h = k_BxSxKxH.shape
+        shape = (b, self.cfg.max_seq_len, k, h)  # used only if the caller gave no cache
+        cached_k = self.variable("cache", "k", jnp.zeros, shape, k_BxSxKxH.dtype)
+        cached_v = self.variable("cache", "v", jnp.zeros, shape, v_BxSxKxH.dtype)
+        rows_Bx1 = jnp.arange(b)[:, None]
+        cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxKxH.astype(cached_k.value.dtype))
+        cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxKxH.astype(cached_v.value.dtype))
+        slots_T = jnp.arange(cached_k.value.shape[1])
+        mask_BxSxT = slots_T[None, None, :] <= positions_BxS[:, :, None]
+        if self.cfg.sliding_window is not None:
+            mask_BxSxT &= positions_BxS[:, :, None] - slots_T[None, None, :] < self.cfg.sliding_window
+        return cached_k.value.astype(k_BxSxKxH.dtype), cached_v.value.astype(v_BxSxKxH.dtype), mask_BxSxT

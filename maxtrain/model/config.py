@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RopeScaling(BaseModel):
@@ -21,6 +21,34 @@ class RopeScaling(BaseModel):
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+
+class LoraConfig(BaseModel):
+    """Low-rank adapters on chosen projections: y = x W + (alpha / rank) * dropout(x) A B.
+
+    targets name the projections (attention q, k, v, o; MLP gate, up, down). B starts at
+    zero, so an adapted model starts exactly at its base model.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: tuple[Literal["q", "k", "v", "o", "gate", "up", "down"], ...] = ("q", "v")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class ClassifierConfig(BaseModel):
+    """A sequence-classification head on the final hidden state, pooled per row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_labels: int = Field(2, gt=1)
+    pooling: Literal["last", "mean"] = "last"
 
 
 class ModelConfig(BaseModel):
@@ -53,6 +81,10 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     causal: bool = True  # False: bidirectional encoder (masked LM)
     init_std: float = 0.02
+    # Finetuning additions, set by the experiment from the run's `finetune:` section (the
+    # base architecture in presets and checkpoints leaves them None).
+    lora: LoraConfig | None = None
+    classifier: ClassifierConfig | None = None
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from maxtrain.model.attention import Attention, attention_mask
 from maxtrain.model.config import ModelConfig
+from maxtrain.model.heads import ClassifierHead
 from maxtrain.model.layers import Dtype, Linear, Mlp, Norm
 
 RematPolicy = Literal["none", "full", "dots"]
@@ -28,6 +29,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode: bool = False  # KV-cache generation (see Attention.decode)
 
     @nn.compact
     def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT):
@@ -35,7 +37,7 @@ class Block(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="norm", **kw)
         h = Norm(name="attn_norm", **norm)(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, name="attn", **kw)(h, positions_BxS, mask_BxSxT)
+        x_BxSxD = x_BxSxD + Attention(cfg, name="attn", decode=self.decode, **kw)(h, positions_BxS, mask_BxSxT)
         h = Norm(name="mlp_norm", **norm)(x_BxSxD)
         x_BxSxD = x_BxSxD + Mlp(cfg, name="mlp", **kw)(h)
         return nn.with_logical_constraint(x_BxSxD, _ACT), None
@@ -52,6 +54,10 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: RematPolicy = "none"
+    scan_unroll: int = 1  # >1 unrolls the layer loop in HLO (params stay stacked): faster on CPU
+    # Generation: positions index a per-layer KV cache in the "cache" collection, passed and
+    # returned with apply(..., mutable=["cache"]); see maxtrain/generate.py.
+    decode: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -71,19 +77,24 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         self.layers = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
+            unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name="layers")
+        )(cfg, dtype=self.dtype, param_dtype=self.param_dtype, decode=self.decode, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
+        if cfg.classifier is not None:
+            self.classifier = ClassifierHead(cfg.classifier, self.dtype, self.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(
                 (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), False, cfg.init_std, self.dtype, self.param_dtype
             )
 
-    def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, *, return_hidden: bool = False):
+    def __call__(
+        self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, *, return_hidden: bool = False, classify: bool = False
+    ):
         cfg = self.cfg
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
@@ -96,6 +107,10 @@ class Transformer(nn.Module):
         mask_BxSxT = attention_mask(segment_ids_BxS, causal=cfg.causal, sliding_window=cfg.sliding_window)
         x_BxSxD, _ = self.layers(x_BxSxD, positions_BxS, mask_BxSxT)
         hidden_BxSxD = self.final_norm(x_BxSxD)
+        if classify or (self.cfg.classifier is not None and self.is_initializing()):
+            class_logits_BxC = self.classifier(hidden_BxSxD, segment_ids_BxS)  # init must create the head too
+            if classify:
+                return class_logits_BxC
         if return_hidden:
             return hidden_BxSxD
         return self.logits(hidden_BxSxD)
