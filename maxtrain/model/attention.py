@@ -86,8 +86,8 @@ class Attention(nn.Module):
         """
         b, _, k, h = k_BxSxKxH.shape
         shape = (b, self.cfg.max_seq_len, k, h)  # used only if the caller gave no cache
-        cached_k = self.variable("cache", "k", jnp.zeros, shape, k_BxSxKxH.dtype)
-        cached_v = self.variable("cache", "v", jnp.zeros, shape, v_BxSxKxH.dtype)
+        cached_k = self.variable("cache", "cached_k", jnp.zeros, shape, k_BxSxKxH.dtype)
+        cached_v = self.variable("cache", "cached_v", jnp.zeros, shape, v_BxSxKxH.dtype)
         rows_Bx1 = jnp.arange(b)[:, None]
         cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxKxH.astype(cached_k.value.dtype))
         cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxKxH.astype(cached_v.value.dtype))

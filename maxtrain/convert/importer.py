@@ -1,0 +1,180 @@
+"""`maxtrain convert from-hf`: a Hugging Face dir (config.json + safetensors) -> maxtrain params dir.
+
+Everything is checked before anything is written (architecture, every tensor's presence,
+shape and dtype, unknown tensors). The params are then written leaf by leaf with orbax's
+partial save, so peak memory is about one stacked leaf, not the model; the result has the
+layout of `maxtrain.checkpoint.save_params` and loads with `load_params` / `init_from`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from maxtrain.convert.core import check_checkpoint, iter_imported_leaves, unflatten
+from maxtrain.convert.families import family_for_hf
+from maxtrain.convert.safetensors_io import FLOAT_DTYPES, SafetensorsReader
+from maxtrain.errors import UserError
+
+log = logging.getLogger("maxtrain.convert")
+
+# Tokenizer and generation files kept (under OUT/hf/) so export can write them back unchanged.
+HF_SIDE_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+HF_SIDE_DIR = "hf"
+_FLUSH_BYTES = 256 << 20  # small leaves are written together, up to this many bytes per orbax call
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file as a dict; a UserError naming the file when missing or malformed."""
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist; {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' must hold a JSON object")
+    return data
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def tokenizer_metadata(hf_dir: Path, hf: dict, add_bos_default: bool) -> dict:
+    """Special tokens (names and ids) and whether prompts start with BOS, from the HF side files."""
+    tc = read_json(hf_dir / "tokenizer_config.json", "") if (hf_dir / "tokenizer_config.json").is_file() else {}
+    gen = read_json(hf_dir / "generation_config.json", "") if (hf_dir / "generation_config.json").is_file() else {}
+    eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+    meta = {
+        "bos_token": _token_name(tc.get("bos_token")),
+        "eos_token": _token_name(tc.get("eos_token")),
+        "pad_token": _token_name(tc.get("pad_token")),
+        "bos_token_id": gen.get("bos_token_id", hf.get("bos_token_id")),
+        "eos_token_id": [eos] if isinstance(eos, int) else (eos or []),
+        "pad_token_id": gen.get("pad_token_id", hf.get("pad_token_id")),
+    }
+    meta["add_bos"] = bool(tc.get("add_bos_token", add_bos_default)) and meta["bos_token_id"] is not None
+    tok_json = hf_dir / "tokenizer.json"
+    if tok_json.is_file():
+        try:
+            from tokenizers import Tokenizer  # optional: names of special tokens given only by id
+        except ImportError:
+            return meta
+        tok = Tokenizer.from_file(str(tok_json))
+        for key in ("bos", "pad"):
+            if meta[f"{key}_token"] is None and meta[f"{key}_token_id"] is not None:
+                meta[f"{key}_token"] = tok.id_to_token(meta[f"{key}_token_id"])
+        if meta["eos_token"] is None and meta["eos_token_id"]:
+            meta["eos_token"] = tok.id_to_token(meta["eos_token_id"][0])
+    return meta
+
+
+def _stored_dtype(reader: SafetensorsReader) -> str:
+    dtypes = {t.dtype for t in reader.tensors.values() if t.dtype in FLOAT_DTYPES}
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[sorted(dtypes)[0]] if len(dtypes) == 1 else "float32"
+
+
+def write_params_streaming(out: Path, leaves: Iterable[tuple[str, np.ndarray]], *, cfg, tokenizer_path: Path | None, extra: dict) -> None:
+    """Write params leaf by leaf into the `save_params` layout (OUT/params + OUT/maxtrain.json last).
+
+    Uses orbax's partial save (each call adds leaves to one checkpoint); without it, falls
+    back to `save_params` on the whole tree (memory = model size).
+    """
+    from maxtrain.checkpoint.params import METADATA_FILE, PARAMS_ITEM, base_metadata, save_params, write_atomic
+
+    try:
+        from orbax.checkpoint.experimental.v1 import partial
+    except ImportError:
+        log.warning("orbax partial save unavailable; writing the whole tree at once (memory = model size)")
+        save_params(out, unflatten(dict(leaves)), cfg=cfg, tokenizer_path=str(tokenizer_path) if tokenizer_path else None, extra=extra)
+        return
+    staging = out / "params-staging"  # no leading dot: orbax globs its pending dirs
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging.with_name(staging.name + ".partial_save"), ignore_errors=True)
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+    for path, leaf in leaves:
+        pending[path] = leaf
+        pending_bytes += leaf.nbytes
+        if pending_bytes >= _FLUSH_BYTES:
+            partial.save(staging, unflatten(pending))
+            pending, pending_bytes = {}, 0
+    if pending:
+        partial.save(staging, unflatten(pending))
+    del pending
+    partial.finalize(staging)
+    items = [d for d in staging.iterdir() if (d / "_METADATA").is_file()]
+    if len(items) != 1:
+        raise RuntimeError(f"unexpected orbax partial-save layout in {staging}: {sorted(p.name for p in staging.iterdir())}")
+    items[0].rename(out / PARAMS_ITEM)
+    shutil.rmtree(staging)
+    meta = base_metadata(cfg, fmt="maxtrain-params")
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / tokenizer_path.name)
+        import hashlib
+
+        prefix = "hf:" if tokenizer_path.suffix == ".json" else "sp:"
+        meta["tokenizer"] = {"identity": prefix + hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()[:12], "file": tokenizer_path.name}
+    meta.update(extra)
+    write_atomic(out / METADATA_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str = "float32") -> dict:
+    """Convert a Hugging Face checkpoint dir into a maxtrain params dir; returns a summary dict.
+
+    param_dtype: dtype of the written params (float32 keeps bf16/f16 weights exactly).
+    """
+    from pydantic import ValidationError
+
+    from maxtrain.config import RunConfig
+    from maxtrain.model.config import ModelConfig
+
+    t0 = time.perf_counter()
+    hf_dir, out = Path(hf_dir), Path(out_dir).absolute()
+    hf = read_json(hf_dir / "config.json", "pass a Hugging Face model dir (config.json + *.safetensors)")
+    family = family_for_hf(hf)
+    try:
+        model_cfg = ModelConfig(**family.to_model_config(hf))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"config.json of '{hf_dir}' maps to an invalid model ({first['loc']}: {first['msg']})") from None
+    reader = SafetensorsReader(hf_dir)
+    check_checkpoint(reader, family, model_cfg)
+    if (out / "params").exists() or (out / "maxtrain.json").exists():
+        raise UserError(f"'{out}' already holds params; choose a new output directory or delete it first")
+    if param_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"param dtype {param_dtype!r} is not float32 or bfloat16")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_meta = tokenizer_metadata(hf_dir, hf, family.add_bos)
+    tokenizer = next((hf_dir / n for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()), None)
+    source = {
+        "format": "huggingface", "dir": str(hf_dir.absolute()), "model_type": hf.get("model_type"),
+        "architectures": hf.get("architectures"), "dtype": _stored_dtype(reader),
+    }  # fmt: skip
+    dtype = np.dtype(FLOAT_DTYPES["BF16"] if param_dtype == "bfloat16" else np.float32)
+    largest = max(np.dtype(FLOAT_DTYPES[t.dtype]).itemsize * int(np.prod(t.shape)) for t in reader.tensors.values())
+    write_params_streaming(
+        out, iter_imported_leaves(reader, family, model_cfg, dtype), cfg=RunConfig(model=model_cfg),
+        tokenizer_path=tokenizer, extra={"source": source, "hf_tokenizer": tok_meta},
+    )  # fmt: skip
+    side = out / HF_SIDE_DIR
+    side.mkdir(exist_ok=True)
+    for name in HF_SIDE_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, side / name)
+    summary = {
+        "family": family.name, "params": model_cfg.param_count(), "tensors": len(reader.tensors),
+        "largest_tensor_bytes": largest, "seconds": round(time.perf_counter() - t0, 2), "out": str(out),
+    }  # fmt: skip
+    log.info("converted %s (%s, %d params) to %s in %.1fs", hf_dir, family.architecture, summary["params"], out, summary["seconds"])
+    return summary
