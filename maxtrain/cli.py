@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     from maxtrain.checkpoint.commands import register_commands as register_checkpoint_commands
 
     register_checkpoint_commands(sub)
+    from maxtrain.convert.commands import register_commands as register_convert_commands
+    from maxtrain.generate import register_commands as register_generate_commands
+
+    register_convert_commands(sub)
+    register_generate_commands(sub)
     return parser
 
 
