@@ -34,6 +34,8 @@ def state_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     """NamedShardings for a tree whose leaves may be `nn.Partitioned` (logical axes) or plain."""
 
     def one(leaf):
+        if isinstance(leaf, nn.Partitioned) and not hasattr(leaf.value, "shape"):
+            return leaf.value  # optax.MaskedNode: a frozen leaf's absent optimizer state stays absent
         if isinstance(leaf, nn.Partitioned):
             spec = logical_to_spec(leaf.names, leaf.value.shape, mesh, rules)
         else:
@@ -82,8 +84,8 @@ def build_train_step(
 
     trainable: `(key_path) -> bool` over parameter leaves; only those are differentiated (the
       frozen ones enter the objective as constants, so no gradient is ever computed for them).
-      None: all leaves. Every mode (pretraining, full/partial/LoRA finetuning, SFT,
-      classification) is this same function; they differ by objective, this set and the data.
+      None: all leaves. Every training mode is this same function; modes differ only by the
+      objective, this set and the data format.
     """
 
     def grad_fn(params, batch, rng):

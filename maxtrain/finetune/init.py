@@ -36,7 +36,7 @@ def _select(tree: Any, keep, prefix: str = "") -> Any:
     out = {}
     for k, v in tree.items():
         sub = _select(v, keep, f"{prefix}/{k}" if prefix else str(k))
-        if sub is not None and sub != {}:
+        if sub is not None and not (isinstance(sub, dict) and not sub):
             out[k] = sub
     return out
 
@@ -47,15 +47,16 @@ def _overlay(base: Any, loaded: Any) -> Any:
     return {k: _overlay(v, loaded.get(k) if isinstance(loaded, dict) else None) for k, v in base.items()}
 
 
-def load_pretrained(path, params: Any) -> Any:
+def load_pretrained(path, params: Any, *, partial: bool = False) -> Any:
     """`params` with every leaf stored at `path` restored (into the same shardings); new leaves kept.
 
     params: the freshly initialised (sharded) params of the run's model.
+    partial: any leaf may be missing (loading saved adapters onto a base model).
     """
     saved = saved_param_names(path)
     names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     missing = [n for n in names if n not in saved]
-    if not missing or not all(new_leaf(n) for n in missing):
+    if not missing or not (partial or all(new_leaf(n) for n in missing)):
         return load_params(path, abstract_of(params))  # a full match, or the checkpoint's own error
     present = _select(params, lambda n: n in saved)
     loaded = load_params(path, abstract_of(present))
