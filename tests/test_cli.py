@@ -1,0 +1,72 @@
+"""Command-line contract: user errors are one line on stderr with exit 2; a short run learns."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maxtrain.cli import main
+
+ERRORS = {
+    "unknown key": (["optimizer.lrr=1e-3"], ["unknown config key 'optimizer.lrr'", "did you mean 'optimizer.lr'"]),
+    "bad value": (["train.global_batch=abc"], ["bad value for 'train.global_batch'", "'abc'"]),
+    "preset not found": (["model=llama3.2-1bb"], ["model preset 'llama3.2-1bb' not found", "did you mean 'llama3.2-1b'"]),
+    "mesh product": (["mesh.fsdp=3", "mesh.data=1", "mesh.tensor=1"], ["= 3 but there are 8 devices"]),
+    "two fills": (["mesh.fsdp=-1", "mesh.data=-1"], ["at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"]),
+    "batch divisibility": (["train.global_batch=12"], ["global_batch=12 is not divisible by the data-parallel size 8"]),
+    "missing data": (["data.sources=[{type: text, path: /nonexistent/*.txt}]"], ["/nonexistent/*.txt"]),
+    "bad override": (["steps"], ["override 'steps' is not key=value"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_user_errors_exit_2_with_one_line(case, tmp_path, capsys):
+    overrides, expected = ERRORS[case]
+    code = main(["train", "model=tiny-llama", f"run_dir={tmp_path}/run", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    for fragment in expected:
+        assert fragment in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing written for a rejected run
+
+
+def test_error_from_the_console_script_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "maxtrain.cli", "train", "optimzer.lr=1"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "maxtrain: error: unknown config key 'optimzer'; did you mean 'optimizer'?"
+
+
+def test_missing_config_file(capsys):
+    assert main(["train", "no/such/config.yaml"]) == 2
+    assert "config file 'no/such/config.yaml' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_demo_run_learns_and_writes_its_run_dir(tmp_path):
+    """A 2-layer model on the embedded corpus: held-out loss falls by >= 1 nat in 80 steps (seen: 1.41)."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "maxtrain.cli", "train", "configs/base.yaml", f"run_dir={run_dir}", "steps=80",
+        "model.d_model=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.ffn_dim=256",
+        "train.seq_len=64", "eval.every=1000", "eval.batches=4", "log.every=5", "optimizer.warmup_steps=10",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 81, 5))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert all(key in r for r in train), key
+    assert train[-1]["tokens_per_s"] > 0 and 0 < train[-1]["mfu"] < 1
+    assert [r["step"] for r in evals] == [0, 80]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0
+    assert (run_dir / "config.yaml").read_text().startswith("model:")
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-6)
