@@ -181,8 +181,11 @@ class Generator:
         return results
 
 
-def load_generator(path: str, *, dtype: str = "auto") -> tuple[Generator, Any, dict]:
-    """(Generator, tokenizer or None, metadata) for a params dir, checkpoint step dir or run dir."""
+def load_generator(path: str, *, dtype: str = "auto", devices=None) -> tuple[Generator, Any, dict]:
+    """(Generator, tokenizer or None, metadata) for a params dir, checkpoint step dir or run dir.
+
+    devices: the mesh's devices (default: all), params sharded over them by the default mesh rules.
+    """
     from maxtrain.checkpoint.params import load_params, read_metadata, resolve_params_dir
     from maxtrain.config import MeshConfig
     from maxtrain.experiment import compute_dtype
@@ -192,7 +195,7 @@ def load_generator(path: str, *, dtype: str = "auto") -> tuple[Generator, Any, d
     meta = read_metadata(path)
     cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k != "classifier"})
     mesh_cfg = MeshConfig()
-    mesh = build_mesh(mesh_cfg)
+    mesh = build_mesh(mesh_cfg, devices)
     model = Transformer(cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
         boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 2), jnp.int32))["params"], jax.random.PRNGKey(0))

@@ -168,7 +168,7 @@ def _write_one(path: Path, tensors: Iterable[PlannedTensor]) -> None:
             arr = np.ascontiguousarray(t.produce(), dtype=t.dtype)
             if arr.shape != t.shape:
                 raise ValueError(f"{t.name}: produced shape {arr.shape}, planned {t.shape}")
-            f.write(memoryview(arr.reshape(-1)).cast("B"))
+            f.write(arr.reshape(-1).view(np.uint8).data)  # raw bytes (bf16 has no buffer-protocol code)
             del arr
     tmp.replace(path)
 
