@@ -138,7 +138,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     train_batches = build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
     if data_state is not None:
-        train_batches.set_state(data_state)
+        try:
+            train_batches.set_state(data_state)
+        except UserError as e:
+            raise UserError(f"{e} (or set checkpoint.restore_data=false to keep the weights and restart the data)") from None
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
     peak = peak_flops_total(cfg.log.peak_flops)

@@ -1,12 +1,13 @@
 """Params export/load, training-checkpoint save/restore across meshes, shape errors, init_from."""
 
-import json
+import resource
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from maxtrain.checkpoint import TrainCheckpointer, abstract_of, init_state_from, load_params, read_metadata, save_params
+from maxtrain.checkpoint import TrainCheckpointer, abstract_of, complete_steps, init_state_from, load_params, read_metadata, save_params
 from maxtrain.config import load_config
 from maxtrain.errors import UserError
 from maxtrain.experiment import build_experiment
@@ -118,4 +119,31 @@ def test_missing_and_incomplete_paths_are_user_errors(tmp_path):
     (tmp_path / "bad" / "maxtrain.json").write_text("{not json")
     with pytest.raises(UserError, match="unreadable"):
         read_metadata(tmp_path / "bad")
-    assert json.dumps  # keep the import used in all branches
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax worker loop teardown
+def test_failed_write_is_one_clear_error_and_keeps_the_previous_checkpoint(trained, tmp_path):
+    cfg, exp, _ = trained
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints", cfg.checkpoint, cfg=cfg, tokenizer_identity=None)
+    ckpt.save(1, exp.state, {})
+    ckpt.wait()
+    # A real OS write error, like a full disk: files may not grow past 16 kB in this process.
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, old_limit[1]))
+    try:
+        with pytest.raises(UserError) as err:
+            ckpt.save(2, exp.state, {})
+            ckpt.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    msg = str(err.value)
+    assert msg.startswith(f"could not write the checkpoint at step 2 to '{tmp_path / 'checkpoints'}': File too large")
+    assert "the checkpoint at step 1 is intact" in msg and "\n" not in msg
+    ckpt.manager.close()
+    assert complete_steps(tmp_path / "checkpoints") == [1]
+    restored = TrainCheckpointer(tmp_path / "checkpoints", cfg.checkpoint, cfg=cfg, tokenizer_identity=None)
+    state, _, step = restored.restore_latest(exp.state)
+    restored.close()
+    assert step == 1
+    _assert_trees_equal(state.params, exp.state.params)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,17 @@ def _gather_json(obj: Any) -> list[Any]:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:240]}" if text else type(e).__name__
+
+
+def _os_reason(e: BaseException) -> str:
+    """The operating-system cause of a write failure ("No space left on device"), however it was wrapped."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    # tensorstore reports errno inside a ValueError text: "... [os_error_code='28']"
+    match = re.search(r"os_error_code='(\d+)'", str(e))
+    if match:
+        return os.strerror(int(match.group(1)))
+    return _one_line(e)
 
 
 class TrainCheckpointer:
@@ -144,14 +157,15 @@ class TrainCheckpointer:
         metrics = {"eval_loss": float(eval_loss)} if eval_loss is not None else None
         try:
             self.manager.save(step, args=args, metrics=metrics, force=True)
-        except OSError as e:
-            raise self._write_error(step, e) from None
+        except Exception as e:  # noqa: BLE001 - this save, or the previous one it waited for, failed to write
+            failed = self.last_saved if self.last_saved is not None and self.last_saved not in complete_steps(self.directory) else step
+            raise self._write_error(failed, e) from None
         self.last_saved = step
 
     def _write_error(self, step: int, e: BaseException) -> UserError:
         previous = [s for s in complete_steps(self.directory) if s != step]
         kept = f"the checkpoint at step {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+        reason = _os_reason(e)
         return UserError(
             f"could not write the checkpoint at step {step} to '{self.directory}': {reason}; {kept}; "
             "free disk space or fix permissions, then rerun the same command to resume"
@@ -193,8 +207,8 @@ class TrainCheckpointer:
         steps = complete_steps(self.directory)
         for step in reversed(steps):
             step_dir = self.directory / str(step)
-            check_shapes(step_dir / PARAMS_ITEM, abstract_of(state.params), what=f"checkpoint step {step}")
             try:
+                check_shapes(step_dir / PARAMS_ITEM, abstract_of(state.params), what=f"checkpoint step {step}")
                 restored = self._restore_step(step, state)
             except UserError:
                 raise
