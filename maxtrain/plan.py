@@ -47,10 +47,11 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None) -> dict[str, Any]:
+def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool = True) -> dict[str, Any]:
     """Compile `cfg`'s train step for a mesh over `devices` (default: all) and measure it.
 
     target: gpu|tpu make `train.compute_dtype=auto` bf16 as it would be there; cpu keeps f32.
+    compile: False skips XLA (state and batch bytes only; temporaries and XLA FLOPs are 0/nan).
     Returns a dict of per-device bytes (params, optimizer, batch, temporaries, peak),
     FLOPs per step (XLA's count and the analytic 6N+attention count) and the mesh.
     """
@@ -96,10 +97,10 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None) -> dict[str, 
         batch = {k: jax.ShapeDtypeStruct((rows, seq), t, sharding=bsh) for k, t in fields.items()}
         step = build_train_step(objective, optimizer, schedule, microbatches=cfg.train.microbatches, mesh=mesh,
                                 trainable=is_trainable)  # fmt: skip
-        compiled = jit_train_step(step, shardings, bsh).lower(state, batch).compile()
+        compiled = jit_train_step(step, shardings, bsh).lower(state, batch).compile() if compile else None
 
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    memory = compiled.memory_analysis() if compiled is not None else None
+    cost = compiled.cost_analysis() if compiled is not None else None
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     n = mesh.devices.size
     params_b, opt_b, batch_b = _shard_bytes(state.params), _shard_bytes(state.opt_state), _shard_bytes(batch)
