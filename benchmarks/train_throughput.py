@@ -1,0 +1,142 @@
+"""Training throughput: steady-state step time, tokens/s, MFU, compile time, memory.
+
+    python benchmarks/train_throughput.py                       # the demo shape (d256 L4 V4096 S256 B8, f32)
+    python benchmarks/train_throughput.py --compare-hf          # + transformers LlamaForCausalLM / torch AdamW
+    python benchmarks/train_throughput.py --preset llama3.2-1b --seq-len 2048 --batch 8 --dtype bfloat16
+
+Prints one JSON line. With --compare-hf both stacks run the identical shape in the same
+process, in alternating rounds, so background load hits both alike; `ratio` is
+maxtrain tokens/s over transformers tokens/s (median step times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides, e.g. model.num_layers=2")
+    return p.parse_args()
+
+
+def _maxtrain_runner(args):
+    from maxtrain.config import load_config
+    from maxtrain.experiment import build_experiment
+
+    overrides = [
+        f"model={args.preset}", f"train.seq_len={args.seq_len}", f"train.global_batch={args.batch}",
+        f"train.compute_dtype={args.dtype}", f"train.remat={args.remat}", "mesh.data=1", "mesh.fsdp=-1",
+        "steps=1000000", "optimizer.warmup_steps=10", *args.overrides,
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    exp = build_experiment(cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
+    local = {
+        "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+        "loss_weights": np.ones((args.batch, args.seq_len), np.float32),
+        "segment_ids": np.ones((args.batch, args.seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), (args.batch, args.seq_len)).copy(),
+    }  # fmt: skip
+    batch = jax.device_put(local, exp.batch_sharding)
+    t0 = time.perf_counter()
+    compiled = exp.train_step.lower(exp.state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    state = [exp.state]
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            state[0], metrics = compiled(state[0], batch)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - t) / n
+
+    run(2)  # warm-up
+    return cfg, run, compile_s, memory
+
+
+def _hf_runner(cfg, args):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head,
+        max_position_embeddings=max(args.seq_len, 128), rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = LlamaForCausalLM(hf_cfg).to(dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    tokens = torch.randint(0, m.vocab_size, (args.batch, args.seq_len))
+
+    def one_step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            one_step()
+        return (time.perf_counter() - t) / n
+
+    run(2)
+    return run
+
+
+def main() -> int:
+    args = _parse()
+    from maxtrain.metrics import peak_flops_total
+
+    cfg, run_maxtrain, compile_s, memory = _maxtrain_runner(args)
+    run_hf = _hf_runner(cfg, args) if args.compare_hf else None
+    ours, theirs = [], []
+    for _ in range(args.rounds):
+        ours.append(run_maxtrain(args.steps))
+        if run_hf is not None:
+            theirs.append(run_hf(args.steps))
+    tokens = args.batch * args.seq_len
+    step_s = statistics.median(ours)
+    peak = peak_flops_total(None)
+    result = {
+        "preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": args.dtype,
+        "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+        "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
+        "tokens_per_s_per_device": round(tokens / step_s / jax.device_count(), 1),
+        "mfu": round(tokens / step_s * cfg.model.flops_per_token(args.seq_len) / peak, 4),
+        "compile_s": round(compile_s, 2), "peak_flops": peak,
+        "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+    }  # fmt: skip
+    if jax.devices()[0].platform == "gpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        result["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
+    if theirs:
+        hf_step = statistics.median(theirs)
+        result.update(hf_step_s=round(hf_step, 4), hf_tokens_per_s=round(tokens / hf_step, 1), ratio=round(hf_step / step_s, 3))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
