@@ -185,7 +185,7 @@ def _train_args(corpus: Path, run_dir: Path, steps: int) -> list[str]:
     return [
         "model=tiny-llama", "train.seq_len=64", "train.global_batch=8", f"steps={steps}", f"run_dir={run_dir}",
         f"data.sources=[{{type: text, path: '{corpus}/*.txt'}}]", "data.eval_fraction=0.2",
-        "data.tokenizer.model_type=char", "data.prefetch=0", "eval.every=0", "eval.batches=2", "log.every=1",
+        "data.tokenizer.model_type=char", "data.prefetch=0", "eval.every=0", "eval.batches=50", "log.every=1",
         "log.tensorboard=false", "checkpoint.every=0", f"distributed.heartbeat_timeout_s={HEARTBEAT_S}",
     ]  # fmt: skip
 
@@ -204,6 +204,22 @@ def test_local_launcher_trains_with_two_processes(tmp_path, corpus):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert len([r for r in records if "eval_loss" in r]) == 1
     assert (run_dir / "checkpoints" / "3").is_dir()  # the final save, written by both processes
+    # Eval: the processes hold different numbers of held-out batches; the one with fewer pads
+    # with zero-weight batches, so every held-out token is counted exactly once.
+    from maxtrain.config import load_config
+    from maxtrain.data import build_pipeline, build_tokenizer
+
+    cfg = load_config(None, _train_args(corpus, run_dir, 3))
+    tok = build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size)
+    counts, tokens = [], 0
+    for p in range(2):
+        with build_pipeline(cfg.data, tok, split="eval", seq_len=64, global_batch=8, seed=cfg.seed,
+                            process_index=p, process_count=2) as it:  # fmt: skip
+            batches = list(it)
+        counts.append(len(batches))
+        tokens += int(sum(b["loss_weights"].sum() for b in batches))
+    assert counts[0] != counts[1] and max(counts) < 50, counts
+    assert [r["eval_tokens"] for r in records if "eval_loss" in r] == [tokens]
     # Non-zero processes log warnings only: no step lines from process 1.
     assert not any(line.startswith("[1]") and "step 1/3" in line for line in proc.stderr.splitlines())
 
