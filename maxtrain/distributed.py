@@ -78,7 +78,10 @@ def detect_cluster(cfg: DistributedConfig, environ: Mapping[str, str] = os.envir
     num = cfg.num_processes if cfg.num_processes is not None else _int_env(environ, ENV_NUM_PROCESSES)
     pid = cfg.process_id if cfg.process_id is not None else _int_env(environ, ENV_PROCESS_ID)
     k8s_index = _int_env(environ, "JOB_COMPLETION_INDEX")
-    slurm_tasks = _int_env(environ, "SLURM_NTASKS") or _int_env(environ, "SLURM_NPROCS") or 1
+    # The tasks of this job step: in an sbatch script outside srun that is 1 (one process),
+    # though the allocation's SLURM_NTASKS may be larger.
+    slurm_tasks = (_int_env(environ, "SLURM_STEP_NUM_TASKS") or _int_env(environ, "SLURM_NTASKS")
+                   or _int_env(environ, "SLURM_NPROCS") or 1)  # fmt: skip
     tpu_hosts = [h for h in (environ.get("TPU_WORKER_HOSTNAMES") or "").split(",") if h]
 
     method = cfg.cluster

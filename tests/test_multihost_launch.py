@@ -22,6 +22,8 @@ AUTO = DistributedConfig()
 def test_single_process_needs_nothing():
     assert detect_cluster(AUTO, {}) is None
     assert detect_cluster(AUTO, {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+    # Inside an sbatch script but outside srun: the step has one task, whatever the allocation.
+    assert detect_cluster(AUTO, {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert detect_cluster(AUTO, {"MAXTRAIN_COORDINATOR": "h:1", "MAXTRAIN_NUM_PROCESSES": "1", "MAXTRAIN_PROCESS_ID": "0"}) is None
     env = {"MAXTRAIN_COORDINATOR": "h:1", "MAXTRAIN_NUM_PROCESSES": "4", "MAXTRAIN_PROCESS_ID": "2"}
     assert detect_cluster(DistributedConfig(cluster="none"), env) is None
