@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_convert_commands(sub)
     register_generate_commands(sub)
+    from maxtrain.evaluate import register_commands as register_eval_commands
+    from maxtrain.tasks.synthetic import register_commands as register_task_commands
+
+    register_eval_commands(sub)
+    register_task_commands(sub)
     return parser
 
 

@@ -21,6 +21,8 @@ from maxtrain.data import build_pipeline, build_tokenizer, make_global_batch, un
 from maxtrain.distributed import initialize as initialize_distributed, max_over_processes
 from maxtrain.errors import UserError
 from maxtrain.experiment import Experiment, build_experiment
+from maxtrain.finetune.forgetting import build_forgetting_eval
+from maxtrain.finetune.trainable import count_params, tree_bytes
 from maxtrain.metrics import MetricsWriter, peak_flops_total
 
 log = logging.getLogger("maxtrain")
@@ -153,6 +155,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     )  # fmt: skip
 
     summary: dict[str, Any] = {"params": n_params, "unigram_entropy": baseline, "peak_flops": peak}
+    # Trainable set: frozen leaves get no gradient and no optimizer state; say how much is left.
+    ts = exp.trainable if exp.trainable is not None and not exp.trainable.everything else None
+    trained, total = count_params(exp.state.params, ts)
+    summary.update(trainable_params=trained, total_params=total, optimizer_state_bytes=tree_bytes(exp.state.opt_state))
+    log.info("trainable params %d of %d (%.3f%%); optimizer state %.2f MB",
+             trained, total, 100.0 * trained / max(total, 1), summary["optimizer_state_bytes"] / 2**20)
+    forgetting = build_forgetting_eval(cfg, exp, tokenizer)
     start = int(jax.device_get(exp.state.step))
     progress = _Progress(cfg.log.progress, cfg.steps, start, enabled=is_main)
 
@@ -188,6 +197,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     with jax.set_mesh(exp.mesh), PreemptionWatcher() as watcher:
         if cfg.eval.every and start == 0:  # a resumed run has that eval already
             run_eval(start)
+        if forgetting is not None and start == 0:
+            summary["forgetting_loss_before"] = forgetting(exp.state.params)
+            log.info("pretraining held-out loss before finetuning %.4f", summary["forgetting_loss_before"])
         pending = None  # (step, device metrics): fetched one step late so the host never stalls the device
         last_time, last_step = None, start
         for step in range(start + 1, cfg.steps + 1):
@@ -238,6 +250,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             log.info("run already complete at step %d (raise steps to continue it, or --fresh to start over)", start)
         elif not preempted:
             run_eval(cfg.steps)
+            if forgetting is not None:
+                summary["forgetting_loss_after"] = forgetting(exp.state.params)
+                log.info("pretraining held-out loss after finetuning %.4f (before %.4f)",
+                         summary["forgetting_loss_after"], summary.get("forgetting_loss_before", float("nan")))
             ckpt.save(cfg.steps, exp.state, train_batches.get_state(), eval_loss=last_eval.get(cfg.steps))
     ckpt.close()
     progress.close()

@@ -1,0 +1,191 @@
+"""Task evaluation: exact-match accuracy of greedy generation on an instruction JSONL, or a head's accuracy.
+
+    maxtrain eval CONFIG [key=value ...] --data eval.jsonl [--params RUN_DIR|EXPORT]
+
+The config names the model (with its LoRA / head), the tokenizer and the data format
+(sft: generation with the chat template; classification: the head). Params come from
+--params, else the run dir's latest checkpoint, else `init_from`; a base checkpoint under a
+LoRA config evaluates the base model (B = 0). Generation is the KV-cache Generator, greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from maxtrain.errors import UserError
+
+log = logging.getLogger("maxtrain.eval")
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); a bad line is a UserError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"eval data '{p}' does not exist; pass a JSONL file with --data")
+    records = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise UserError(f"{p} line {n} is not valid JSON ({e}); fix the file") from None
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise UserError(f"eval data '{p}' has no records")
+    return records
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(generator, tok, records: list[dict], template, *, max_new_tokens: int = 32, batch_size: int = 64) -> dict[str, Any]:
+    """Greedy replies to each record's prompt compared with its reference (whitespace-normalised).
+
+    Returns {"accuracy", "count", "per_task": {task: accuracy}, "examples": first few (prompt, reply, reference)}.
+    """
+    from maxtrain.data.formats import prompt_and_reference
+    from maxtrain.generate import Sampling
+
+    items = []
+    for i, r in enumerate(records):
+        pr = prompt_and_reference(r, tok, template)
+        if isinstance(pr, str):
+            raise UserError(f"eval record {i + 1}: {pr}")
+        items.append((pr[0].tolist(), pr[1], r.get("task", "all")))
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+    hits, per_task, examples = 0, defaultdict(lambda: [0, 0]), []
+    # One fixed batch size (a multiple of the device count, for the batch-sharded cache), so
+    # every chunk reuses one compiled generator; the last chunk is filled with copies.
+    ndev = jax.device_count()
+    size = -(-min(batch_size, len(items)) // ndev) * ndev
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        prompts = [c[0] for c in chunk] + [chunk[0][0]] * (size - len(chunk))
+        outs = generator.generate(prompts, sampling, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
+        for (prompt, ref, task), out in zip(chunk, outs):
+            reply = tok.decode([t for t in out if t != tok.eos_id])
+            ok = _normalise(reply) == _normalise(ref)
+            hits += ok
+            per_task[task][0] += ok
+            per_task[task][1] += 1
+            if len(examples) < 6:
+                examples.append({"prompt": tok.decode(prompt), "reply": reply, "reference": ref, "correct": bool(ok)})
+    return {
+        "accuracy": hits / len(items),
+        "count": len(items),
+        "per_task": {t: h / n for t, (h, n) in sorted(per_task.items())},
+        "examples": examples,
+    }
+
+
+def classification_accuracy(exp, tok, records: list[dict], fmt, *, seq_len: int, batch_size: int) -> dict[str, Any]:
+    """Accuracy and mean loss of the classification head over `records` (one example per row)."""
+    from maxtrain.data.formats import RecordEncoder
+    from maxtrain.data.packing import empty_batch
+
+    encode = RecordEncoder(fmt, tok)
+    docs = []
+    for i, r in enumerate(records):
+        doc = encode(r, f"eval record {i + 1}")
+        if "bad" in doc:
+            raise UserError(f"{doc['bad'][0]}: {doc['bad'][1]}")
+        docs.append(doc)
+    totals: dict[str, float] = defaultdict(float)
+    for start in range(0, len(docs), batch_size):
+        batch = empty_batch(batch_size, seq_len, tok.pad_id)
+        batch["labels"] = np.full((batch_size,), -1, np.int32)
+        for row, doc in enumerate(docs[start : start + batch_size]):
+            ids = doc["tokens"][:seq_len]
+            batch["tokens"][row, : len(ids)] = ids
+            batch["segment_ids"][row, : len(ids)] = 1
+            batch["positions"][row, : len(ids)] = np.arange(len(ids))
+            batch["labels"][row] = doc["label"]
+        sums = jax.device_get(exp.eval_step(exp.state.params, jax.device_put(batch, exp.batch_sharding)))
+        for k, v in sums.items():
+            totals[k] += float(v)
+    n = max(totals["weight"], 1.0)
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n, "count": int(totals["weight"])}
+
+
+def _params_path(cfg, given: str | None) -> str:
+    if given:
+        return given
+    if (Path(cfg.run_dir) / "checkpoints").is_dir():
+        return cfg.run_dir
+    if cfg.init_from:
+        return cfg.init_from
+    raise UserError("no params to evaluate: pass --params, or train into run_dir first, or set init_from")
+
+
+def evaluate_task(cfg, data: str, *, params: str | None = None, max_new_tokens: int = 32, limit: int | None = None,
+                  batch_size: int = 64) -> dict[str, Any]:
+    """Exact-match (sft format) or classification accuracy of the configured model on a JSONL file."""
+    from maxtrain.data import build_tokenizer
+    from maxtrain.data.formats import template_for
+    from maxtrain.experiment import build_experiment, compute_dtype, finetuned_model_config
+    from maxtrain.finetune.init import load_pretrained
+
+    records = read_jsonl(data, limit)
+    fmt = cfg.data.format
+    if fmt.type == "text":
+        raise UserError("maxtrain eval needs data.format.type sft (exact match) or classification in the config")
+    batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch": batch_size, "microbatches": 1})})
+    exp = build_experiment(cfg)
+    tok = build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size)
+    path = _params_path(cfg, params)
+    with jax.set_mesh(exp.mesh):
+        exp.state = exp.state.replace(params=load_pretrained(path, exp.state.params))
+        if fmt.type == "classification":
+            result = classification_accuracy(exp, tok, records, fmt, seq_len=cfg.train.seq_len, batch_size=batch_size)
+        else:
+            from maxtrain.generate import Generator
+
+            gen = Generator(finetuned_model_config(cfg), exp.state.params, mesh=exp.mesh, rules=cfg.mesh.rules,
+                            dtype=compute_dtype(cfg.train.compute_dtype))
+            result = exact_match(gen, tok, records, template_for(fmt.template, cfg.model.family),
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result["params"] = str(path)
+    return result
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from maxtrain.cli import _split_config_and_overrides
+    from maxtrain.config import load_config
+
+    path, overrides = _split_config_and_overrides(ns.args)
+    cfg = load_config(path, overrides)
+    result = evaluate_task(cfg, ns.data, params=ns.params, max_new_tokens=ns.max_new_tokens, limit=ns.limit)
+    for ex in result.get("examples", [])[:3]:
+        log.info("example: %r -> %r (reference %r)", ex["prompt"], ex["reply"], ex["reference"])
+    log.info("accuracy %.3f on %d records (%s)%s", result["accuracy"], result["count"], result["params"],
+             "".join(f"; {t} {a:.3f}" for t, a in result.get("per_task", {}).items()))
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
+    return 0
+
+
+def register_commands(sub) -> None:
+    """Add `maxtrain eval` to the CLI."""
+    p = sub.add_parser("eval", help="task accuracy: maxtrain eval CONFIG [key=value ...] --data FILE.jsonl",
+                       description="Exact-match accuracy of greedy replies (data.format sft) or head accuracy "
+                                   "(classification) on a JSONL file.")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value")
+    p.add_argument("--data", required=True, help="JSONL: {instruction, input, output}, {messages}, or {text, label}")
+    p.add_argument("--params", help="export, checkpoint step dir or run dir (default: run_dir, else init_from)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--out", help="also write the result (with examples) to this JSON file")
+    p.set_defaults(func=_cmd_eval)

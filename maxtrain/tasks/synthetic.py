@@ -1,0 +1,126 @@
+"""A synthetic instruction suite: reversal, sorting, addition, key lookup; plus a classification task.
+
+Symbols are space-separated single letters and digits, so any tokenizer (a character model
+or a BPE trained on English) sees one token per symbol and the tasks stay about the
+algorithm, not the tokenizer. Held-out prompts are never among the training prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+LETTERS = "abcdefgh"
+DIGITS = "0123456789"
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    xs = rng.choices(LETTERS, k=rng.randint(3, 5))
+    return "reverse: " + " ".join(xs), " ".join(reversed(xs))
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    xs = rng.choices(DIGITS, k=rng.randint(3, 5))
+    return "sort: " + " ".join(xs), " ".join(sorted(xs))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"add: {' '.join(str(a))} + {' '.join(str(b))}", " ".join(str(a + b))
+
+
+def _lookup(rng: random.Random) -> tuple[str, str]:
+    keys = rng.sample(LETTERS, 4)
+    values = rng.choices(DIGITS, k=4)
+    k = rng.randrange(4)
+    table = " ".join(f"{key} = {v}" for key, v in zip(keys, values))
+    return f"lookup {keys[k]} in: {table}", values[k]
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "reverse": _reverse, "sort": _sort, "add": _add, "lookup": _lookup,
+}  # fmt: skip
+
+
+def instruction_records(n: int, seed: int, tasks=tuple(TASKS), exclude: set[str] = frozenset()) -> list[dict]:
+    """n Alpaca-style records {instruction, input, output, task}, tasks in turn, prompts not in `exclude`."""
+    rng = random.Random(seed)
+    records, seen, attempts = [], set(exclude), 0
+    while len(records) < n:
+        attempts += 1
+        if attempts > 100 * n:
+            raise ValueError(f"cannot draw {n} distinct prompts for tasks {tasks}")
+        name = tasks[len(records) % len(tasks)]
+        prompt, answer = TASKS[name](rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        records.append({"instruction": prompt, "input": "", "output": answer, "task": name})
+    return records
+
+
+def classification_records(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """{text, label}: are the digits in ascending order (1), descending order (2), or neither (0)?"""
+    rng = random.Random(seed)
+    records, seen, attempts = [], set(exclude), 0
+    while len(records) < n:
+        attempts += 1
+        if attempts > 100 * n:
+            raise ValueError(f"cannot draw {n} distinct classification texts")
+        label = len(records) % 3
+        xs = rng.choices(DIGITS, k=rng.randint(4, 6))
+        xs = sorted(xs) if label == 1 else sorted(xs, reverse=True) if label == 2 else xs
+        if label == 0 and (xs == sorted(xs) or xs == sorted(xs, reverse=True)):
+            continue
+        text = " ".join(xs)
+        if text in seen:
+            continue
+        seen.add(text)
+        records.append({"text": text, "label": label})
+    return records
+
+
+def write_suite(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, tasks=tuple(TASKS)) -> dict[str, Path]:
+    """Write train.jsonl / eval.jsonl (instructions) and cls_train.jsonl / cls_eval.jsonl; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_recs = instruction_records(train, seed, tasks)
+    eval_recs = instruction_records(eval, seed + 1, tasks, exclude={r["instruction"] for r in train_recs})
+    cls_train = classification_records(train, seed + 2)
+    cls_eval = classification_records(max(eval, 30), seed + 3, exclude={r["text"] for r in cls_train})
+    paths = {}
+    for name, recs in (("train", train_recs), ("eval", eval_recs), ("cls_train", cls_train), ("cls_eval", cls_eval)):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
+
+
+def _cmd_make(ns) -> int:
+    paths = write_suite(ns.out, train=ns.train, eval=ns.eval, seed=ns.seed, tasks=tuple(ns.tasks.split(",")))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def register_commands(sub) -> None:
+    """Add `maxtrain tasks make OUT_DIR` to the CLI."""
+    from maxtrain.errors import UserError
+
+    p = sub.add_parser("tasks", help="built-in synthetic task suites: maxtrain tasks make OUT_DIR")
+    tsub = p.add_subparsers(dest="tasks_command", required=True)
+    make = tsub.add_parser("make", help="write train/eval instruction JSONL and a classification JSONL pair")
+    make.add_argument("out", help="output directory")
+    make.add_argument("--train", type=int, default=4000, help="training records per file")
+    make.add_argument("--eval", type=int, default=200, help="held-out records (prompts never in training)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+
+    def run(ns):
+        unknown = [t for t in ns.tasks.split(",") if t not in TASKS]
+        if unknown:
+            raise UserError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        return _cmd_make(ns)
+
+    make.set_defaults(func=run)
