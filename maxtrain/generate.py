@@ -132,6 +132,7 @@ class Generator:
         return out_BxN, steps
 
     def _functions(self, batch: int, prompt_len: int, s: Sampling, eos_ids, pad_id):
+        s = dataclasses.replace(s, seed=0)  # the seed is an argument, not part of the program
         key = (batch, prompt_len, s, eos_ids, pad_id)
         if key not in self._compiled:
             decode = jax.jit(lambda p, c, lg, ln, r: self._decode(p, c, lg, ln, r, s=s, eos_ids=eos_ids, pad_id=pad_id), donate_argnums=1)

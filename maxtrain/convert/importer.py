@@ -30,7 +30,7 @@ HF_SIDE_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )  # fmt: skip
 HF_SIDE_DIR = "hf"
-_FLUSH_BYTES = 256 << 20  # small leaves are written together, up to this many bytes per orbax call
+_FLUSH_BYTES = 64 << 20  # small leaves are written together, up to this many bytes per orbax call
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -84,6 +84,17 @@ def _stored_dtype(reader: SafetensorsReader) -> str:
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[sorted(dtypes)[0]] if len(dtypes) == 1 else "float32"
 
 
+def _return_freed_memory() -> None:
+    # tensorstore's writer threads leave freed buffers in glibc arenas; without a trim the
+    # process keeps each written leaf's pages and RSS climbs toward the model size.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def write_params_streaming(out: Path, leaves: Iterable[tuple[str, np.ndarray]], *, cfg, tokenizer_path: Path | None, extra: dict) -> None:
     """Write params leaf by leaf into the `save_params` layout (OUT/params + OUT/maxtrain.json last).
 
@@ -104,11 +115,15 @@ def write_params_streaming(out: Path, leaves: Iterable[tuple[str, np.ndarray]], 
     pending: dict[str, np.ndarray] = {}
     pending_bytes = 0
     for path, leaf in leaves:
+        # orbax holds ~3x what one call writes: small leaves go in groups, a big one is written
+        # at once, and no reference survives into the next leaf's assembly.
         pending[path] = leaf
         pending_bytes += leaf.nbytes
+        del leaf
         if pending_bytes >= _FLUSH_BYTES:
             partial.save(staging, unflatten(pending))
             pending, pending_bytes = {}, 0
+            _return_freed_memory()
     if pending:
         partial.save(staging, unflatten(pending))
     del pending
