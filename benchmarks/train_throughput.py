@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -44,7 +45,8 @@ def _maxtrain_runner(args):
         f"train.compute_dtype={args.dtype}", f"train.remat={args.remat}", "mesh.data=1", "mesh.fsdp=-1",
         "steps=1000000", "optimizer.warmup_steps=10", *args.overrides,
     ]  # fmt: skip
-    cfg = load_config(None, overrides)
+    base = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"  # the demo's settings (unrolled layers)
+    cfg = load_config(base if args.preset == "demo" else None, overrides)
     exp = build_experiment(cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)

@@ -82,6 +82,10 @@ class TrainConfig(BaseModel):
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
     remat: Literal["none", "full", "dots"] = "none"
+    # Unroll the layer scan in the compiled program (params stay stacked): ~14% faster steps
+    # on CPU, where scan's stacked-residual bookkeeping costs a quarter of the step; slower
+    # compiles for deep models, so off by default.
+    unroll_layers: bool = False
     z_loss: float = Field(0.0, ge=0)
     # causal_lm: next token on every weighted target; sft: the same loss on response tokens only
     # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.

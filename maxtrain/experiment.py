@@ -114,7 +114,10 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
     mesh = build_mesh(cfg.mesh, devices)
     check_batch_geometry(cfg, mesh)
     dtype = compute_dtype(cfg.train.compute_dtype)
-    model = Transformer(finetuned_model_config(cfg), dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat)
+    model = Transformer(
+        finetuned_model_config(cfg), dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat,
+        unroll_layers=cfg.train.unroll_layers,
+    )
     rules = cfg.mesh.rules
     apply_fn = make_apply_fn(model, rules)
     objective = build_objective(cfg, apply_fn)

@@ -72,7 +72,9 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool
     dtype = jnp.bfloat16 if auto and target in ("gpu", "tpu") else ex.compute_dtype(cfg.train.compute_dtype)
     model_cfg = ex.finetuned_model_config(cfg)
     param_dtype = jnp.bfloat16 if cfg.train.param_dtype == "bfloat16" else jnp.float32
-    model = Transformer(model_cfg, dtype=dtype, param_dtype=param_dtype, remat=cfg.train.remat)
+    model = Transformer(
+        model_cfg, dtype=dtype, param_dtype=param_dtype, remat=cfg.train.remat, unroll_layers=cfg.train.unroll_layers
+    )
     rules = cfg.mesh.rules
     apply_fn = ex.make_apply_fn(model, rules)
     objective = ex.build_objective(cfg, apply_fn)

@@ -71,6 +71,13 @@ def test_step_compiles_once_over_many_steps():
     assert int(exp.state.step) == 12 and np.all(np.isfinite(losses))
 
 
+def test_unrolled_layers_match_the_scan():
+    same = [random_batch(8, 32, 256, seed=0, docs_per_row=2)] * 3
+    _, scanned = _run([], 3, same)
+    _, unrolled = _run(["train.unroll_layers=true"], 3, same)
+    np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
+
+
 def test_fsdp_shards_params_and_optimizer_state():
     """Per-device argument bytes with fsdp=8 are ~1/8 of the replicated (data=8) figure."""
     sizes = {}

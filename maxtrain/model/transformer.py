@@ -54,7 +54,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: RematPolicy = "none"
-    scan_unroll: int = 1  # >1 unrolls the layer loop in HLO (params stay stacked): faster on CPU
+    unroll_layers: bool = False  # unroll the scan in HLO; the params keep their stacked layout
     # Generation: positions index a per-layer KV cache in the "cache" collection, passed and
     # returned with apply(..., mutable=["cache"]); see maxtrain/generate.py.
     decode: bool = False
@@ -81,7 +81,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-            unroll=self.scan_unroll,
+            unroll=cfg.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, dtype=self.dtype, param_dtype=self.param_dtype, decode=self.decode, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
