@@ -159,7 +159,9 @@ def unigram_entropy(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", 
     quiet = cfg.model_copy(update={"prefetch": 0})
     with build_pipeline(quiet, tok, split=split, seq_len=1024, global_batch=8, seed=0) as it:
         for batch in it:
-            targets = batch["targets"][batch["loss_weights"] > 0]
+            # Classification predicts labels, not tokens: the baseline is the label entropy.
+            labels = batch.get("labels")
+            targets = labels[labels >= 0] if labels is not None else batch["targets"][batch["loss_weights"] > 0]
             counts += np.bincount(targets, minlength=tok.vocab_size)[: tok.vocab_size]
             seen += targets.size
             if seen >= max_tokens:
