@@ -169,16 +169,19 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if writer is not None:
             writer.write(record)
 
-    def flush_for_checkpoint(pending) -> None:
-        # A checkpoint at step N must never be newer than the metrics: emit step N's record
-        # now (it would come one step late), so a resumed run neither repeats nor skips it.
-        if pending is None or pending[0] % cfg.log.every:
-            return
+    def report(pending, rate: float) -> dict[str, Any]:
+        """Fetch a finished step's metrics, add throughput, write and show them."""
         record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
-        rate = rates[-1] if rates else float("nan")
         record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
         emit(record)
         progress.update(pending[0], record)
+        return record
+
+    def flush_for_checkpoint(pending) -> None:
+        # A checkpoint at step N must never be newer than the metrics: emit step N's record
+        # now (it would come one step late), so a resumed run neither repeats nor skips it.
+        if pending is not None and pending[0] % cfg.log.every == 0:
+            report(pending, rates[-1] if rates else float("nan"))
 
     last_eval: dict[int, float] = {}
 
@@ -211,20 +214,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 summary["compile_s"] = time.perf_counter() - t0
                 last_time, last_step = time.perf_counter(), step
             if pending is not None and (pending[0] % cfg.log.every == 0):
-                record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
+                jax.block_until_ready(pending[1])  # the step before the one just dispatched
                 now = time.perf_counter()
                 if pending[0] > last_step:
-                    rate = (pending[0] - last_step) * tokens_per_step / (now - last_time)
-                    rates.append(rate)
+                    rates.append((pending[0] - last_step) * tokens_per_step / (now - last_time))
                     last_time, last_step = now, pending[0]
-                rate = rates[-1] if rates else float("nan")
-                record.update(
-                    tokens_per_s=rate,
-                    tokens_per_s_per_device=rate / jax.device_count(),
-                    mfu=rate * flops_per_token / peak,
-                )
-                emit(record)
-                progress.update(pending[0], record)
+                report(pending, rates[-1] if rates else float("nan"))
             pending = (step, metrics)
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
                 run_eval(step)
@@ -240,12 +235,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 summary.update(preempted=True, checkpoint_step=step)
                 break
         if pending is not None:
-            record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
-            rate = float(np.median(rates)) if rates else float("nan")
-            record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
-            emit(record)
-            progress.update(pending[0], record)
-            summary["final_loss"] = record["loss"]
+            summary["final_loss"] = report(pending, float(np.median(rates)) if rates else float("nan"))["loss"]
         if start >= cfg.steps:
             log.info("run already complete at step %d (raise steps to continue it, or --fresh to start over)", start)
         elif not preempted:
