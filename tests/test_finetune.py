@@ -15,9 +15,9 @@ from tests.synthetic import random_batch
 TINY = ["model=tiny-llama", "model.vocab_size=256", "model.d_model=32", "model.ffn_dim=64", "train.global_batch=8", "train.seq_len=32",
         "optimizer.warmup_steps=0", "optimizer.lr=1e-2", "steps=10", "mesh.fsdp=2"]  # fmt: skip
 LORA = ["finetune.lora.rank=4", "finetune.lora.targets=[q,k,v,o,gate,up,down]"]
+# Full finetuning is `pretrain` with init_from and the sft objective; partial and lora cover that objective.
 MODES = {
     "pretrain": [],
-    "full": ["train.objective=sft"],
     "partial": ["train.objective=sft", "finetune.freeze=[embeddings]", "finetune.freeze_layers=1"],
     "lora": ["train.objective=sft"] + LORA,
     "classification": ["train.objective=classification", "finetune.classifier.num_labels=3"],
@@ -43,7 +43,7 @@ def test_mode_is_the_one_step_compiled_once_and_frozen_params_stay_bitwise(mode)
     with jax.set_mesh(exp.mesh):
         for i in range(2):
             batch = _batch(i)
-            if mode in ("pretrain", "full", "partial", "lora"):
+            if mode in ("pretrain", "partial", "lora"):
                 del batch["labels"]
             exp.state, metrics = exp.train_step(exp.state, jax.device_put(batch, exp.batch_sharding))
     assert np.isfinite(float(metrics["loss"]))
