@@ -8,3 +8,15 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A char-level sentencepiece tokenizer over lowercase letters, digits and space."""
+    from maxtrain.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    return SentencePieceTokenizer(train_sentencepiece([alphabet * 3 + " 0123456789"] * 50, vocab_size=64, model_type="char"))

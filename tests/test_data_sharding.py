@@ -7,15 +7,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxtrain.data import DataConfig, build_pipeline, make_global_batch
-from maxtrain.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from maxtrain.errors import UserError
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return SentencePieceTokenizer(train_sentencepiece([LETTERS * 3 + " 0123456789"] * 50, vocab_size=64, model_type="char"))
+LETTERS = "abcdefghijklmnopqrstuvwxyz"  # the `tok` fixture (conftest) knows these characters
 
 
 @pytest.fixture(scope="module")
