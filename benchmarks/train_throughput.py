@@ -40,8 +40,10 @@ def _maxtrain_runner(args):
     from maxtrain.config import load_config
     from maxtrain.experiment import build_experiment
 
+    # The demo preset at vocab 4096 is the reference shape (d256 L4 H4 ff1024 V4096).
+    shape = ["model.vocab_size=4096"] if args.preset == "demo" else []
     overrides = [
-        f"model={args.preset}", f"train.seq_len={args.seq_len}", f"train.global_batch={args.batch}",
+        f"model={args.preset}", *shape, f"train.seq_len={args.seq_len}", f"train.global_batch={args.batch}",
         f"train.compute_dtype={args.dtype}", f"train.remat={args.remat}", "mesh.data=1", "mesh.fsdp=-1",
         "steps=1000000", "optimizer.warmup_steps=10", *args.overrides,
     ]  # fmt: skip
