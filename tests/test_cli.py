@@ -48,25 +48,30 @@ def test_missing_config_file(capsys):
 
 @pytest.mark.slow
 def test_short_demo_run_learns_and_writes_its_run_dir(tmp_path):
-    """A 2-layer model on the embedded corpus: held-out loss falls by >= 1 nat in 80 steps (seen: 1.41)."""
+    """A 2-layer model on the embedded corpus beats the unigram entropy within 100 steps.
+
+    Seen: held-out loss 6.96 -> 5.14 against a unigram entropy of 5.68 (0.55 nats below).
+    """
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "maxtrain.cli", "train", "configs/base.yaml", f"run_dir={run_dir}", "steps=80",
-        "model.d_model=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.ffn_dim=256",
-        "train.seq_len=64", "eval.every=1000", "eval.batches=4", "log.every=5", "optimizer.warmup_steps=10",
+        sys.executable, "-m", "maxtrain.cli", "train", "configs/base.yaml", f"run_dir={run_dir}", "steps=100",
+        "model.d_model=128", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.ffn_dim=512",
+        "train.seq_len=128", "eval.every=1000", "eval.batches=4", "log.every=5", "optimizer.warmup_steps=10",
+        "checkpoint.every=0",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in train] == list(range(5, 81, 5))
+    assert [r["step"] for r in train] == list(range(5, 101, 5))
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
         assert all(key in r for r in train), key
     assert train[-1]["tokens_per_s"] > 0 and 0 < train[-1]["mfu"] < 1
-    assert [r["step"] for r in evals] == [0, 80]
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0
+    assert [r["step"] for r in evals] == [0, 100]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.5
+    assert evals[-1]["eval_loss"] < summary["unigram_entropy"] - 0.3
     assert (run_dir / "config.yaml").read_text().startswith("model:")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-6)
