@@ -20,29 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from maxtrain.data.jsonl import read_jsonl
 from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.eval")
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped); a bad line is a UserError naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"eval data '{p}' does not exist; pass a JSONL file with --data")
-    records = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as e:
-            raise UserError(f"{p} line {n} is not valid JSON ({e}); fix the file") from None
-        if limit is not None and len(records) >= limit:
-            break
-    if not records:
-        raise UserError(f"eval data '{p}' has no records")
-    return records
 
 
 def _normalise(text: str) -> str:
@@ -136,7 +117,7 @@ def evaluate_task(cfg, data: str, *, params: str | None = None, max_new_tokens: 
     from maxtrain.experiment import build_experiment, compute_dtype, finetuned_model_config
     from maxtrain.finetune.init import load_pretrained
 
-    records = read_jsonl(data, limit)
+    records = [r for _, r in read_jsonl(data, what="eval data", hint="pass a JSONL file with --data", limit=limit)]
     fmt = cfg.data.format
     if fmt.type == "text":
         raise UserError("maxtrain eval needs data.format.type sft (exact match) or classification in the config")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxtrain.data.jsonl import read_jsonl
 from maxtrain.errors import UserError
 from maxtrain.model.config import ModelConfig
 from maxtrain.model.transformer import Transformer
@@ -234,23 +235,13 @@ def special_ids(tokenizer, meta: dict) -> tuple[list[int], int, bool]:
 def _read_prompts(ns: argparse.Namespace) -> list[str]:
     if ns.prompts is None:
         return [ns.prompt]
-    path = Path(ns.prompts)
-    if not path.is_file():
-        raise UserError(f"prompts file '{path}' does not exist; pass a JSON Lines file with one {{\"prompt\": ...}} per line")
     prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}:{n} is not valid JSON; write one {{\"prompt\": \"...\"}} object per line") from None
+    hint = 'pass a JSON Lines file with one {"prompt": ...} per line'
+    for n, record in read_jsonl(ns.prompts, what="prompts file", hint=hint):
         text = record if isinstance(record, str) else record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise UserError(f"{path}:{n} has no string \"prompt\" field")
+            raise UserError(f"{ns.prompts}:{n} has no string \"prompt\" field")
         prompts.append(text)
-    if not prompts:
-        raise UserError(f"prompts file '{path}' holds no prompts")
     return prompts
 
 

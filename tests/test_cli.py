@@ -75,3 +75,19 @@ def test_short_demo_run_learns_and_writes_its_run_dir(tmp_path):
     assert (run_dir / "config.yaml").read_text().startswith("model:")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"prompt": "hi"}\n\n{"x": 1}\n', ':3 has no string "prompt" field'),
+        ('{"prompt": "hi"}\nnot json\n', ":2 is not valid JSON"),
+        ("\n\n", "holds no records"),
+    ],
+)
+def test_bad_prompts_file_is_one_line(content, expected, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
