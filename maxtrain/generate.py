@@ -188,14 +188,14 @@ def load_generator(path: str, *, dtype: str = "auto", devices=None) -> tuple[Gen
 
     devices: the mesh's devices (default: all), params sharded over them by the default mesh rules.
     """
-    from maxtrain.checkpoint.params import load_params, read_metadata, resolve_params_dir
+    from maxtrain.checkpoint.params import load_params, model_config_of, read_metadata, resolve_params_dir
     from maxtrain.config import MeshConfig
     from maxtrain.experiment import compute_dtype
     from maxtrain.mesh import build_mesh
     from maxtrain.step import state_shardings
 
     meta = read_metadata(path)
-    cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k != "classifier"})
+    cfg = model_config_of(meta)  # LoRA runs generate with their adapters; a head is loaded but unused
     mesh_cfg = MeshConfig()
     mesh = build_mesh(mesh_cfg, devices)
     model = Transformer(cfg)

@@ -9,11 +9,13 @@ from pathlib import Path
 log = logging.getLogger("maxtrain")
 
 
-def export_params(checkpoint: str, out_dir: str) -> dict:
+def export_params(checkpoint: str, out_dir: str, *, merge_lora: bool = False) -> dict:
     """Copy the params of a checkpoint step dir (or a run dir's latest) to `out_dir` via save_params.
 
     The arrays are restored onto this host's devices with a replicated-free layout (one
     device, no mesh needed) and written once; the tokenizer file saved by the run is copied.
+    merge_lora: fold a LoRA run's adapters into the weights; the export is then a base model
+    (`lora: null`) that loads and finetunes like any pretrained one.
     """
     import jax
 
@@ -32,6 +34,15 @@ def export_params(checkpoint: str, out_dir: str) -> dict:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
     params = restore_tree(params_dir, abstract)
+    extra = {}
+    if merge_lora:
+        from maxtrain.finetune.lora import merge_lora as merge
+
+        if cfg.finetune.lora is None:
+            raise UserError(f"'{checkpoint}' is not a LoRA run (finetune.lora is not set); drop --merge-lora")
+        params = merge(params, cfg.finetune.lora)
+        extra["merged_lora"] = cfg.finetune.lora.model_dump(mode="json")
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lora": None})})
     run_dir = meta_dir.parent.parent.parent if meta_dir.name == META_ITEM else None
     tokenizer = None
     for name in TOKENIZER_FILES if run_dir is not None else ():
@@ -39,7 +50,7 @@ def export_params(checkpoint: str, out_dir: str) -> dict:
             tokenizer = str(run_dir / name)
     if tokenizer is None:
         log.warning("no tokenizer file next to the checkpoint: the export has none (set it when loading)")
-    extra = {"step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"), "source": str(Path(checkpoint).absolute())}
+    extra.update(step=meta.get("step"), tokens_seen=meta.get("tokens_seen"), source=str(Path(checkpoint).absolute()))
     save_params(out_dir, params, cfg=cfg, tokenizer_path=tokenizer, extra=extra)
     written = read_metadata(out_dir)
     if tokenizer and written["tokenizer"]["identity"] != meta["tokenizer"]["identity"]:
@@ -48,7 +59,7 @@ def export_params(checkpoint: str, out_dir: str) -> dict:
 
 
 def _cmd_export(ns: argparse.Namespace) -> int:
-    meta = export_params(ns.checkpoint, ns.out_dir)
+    meta = export_params(ns.checkpoint, ns.out_dir, merge_lora=ns.merge_lora)
     logging.getLogger("maxtrain").info("exported params of step %s (%d params) to %s", meta.get("step"), meta["param_count"], ns.out_dir)
     return 0
 
@@ -62,4 +73,6 @@ def register_commands(sub) -> None:
     )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA runs: fold the adapters into the weights (the export loads with lora: null)")
     p.set_defaults(func=_cmd_export)

@@ -42,12 +42,38 @@ def maxtrain_version() -> str:
         return "unknown"
 
 
+def effective_model(cfg):
+    """The model a run actually holds: `cfg.model` plus its `finetune:` LoRA and head (their leaves are saved too)."""
+    finetune = getattr(cfg, "finetune", None)
+    if finetune is None or (finetune.lora is None and finetune.classifier is None):
+        return cfg.model
+    return cfg.model.model_copy(update={"lora": finetune.lora, "classifier": finetune.classifier})
+
+
+def model_config_of(meta: dict):
+    """The ModelConfig that rebuilds the saved param tree of a maxtrain.json (LoRA and head included).
+
+    Older checkpoints recorded the base model only; their LoRA / head come from the run config.
+    """
+    from maxtrain.model.config import ModelConfig
+
+    fields = dict(meta["model"])
+    finetune = (meta.get("config") or {}).get("finetune") or {}
+    for key in ("lora", "classifier"):
+        if fields.get(key) is None and finetune.get(key) is not None:
+            fields[key] = finetune[key]
+    return ModelConfig(**fields)
+
+
 def base_metadata(cfg, *, fmt: str, tokenizer_identity: str | None = None) -> dict[str, Any]:
-    """Fields shared by exports and training checkpoints: format, version, model shapes, tokenizer."""
+    """Fields shared by exports and training checkpoints: format, version, model shapes, tokenizer.
+
+    "model" is the effective model (with the finetune's LoRA / head), so it rebuilds the saved tree.
+    """
     return {
         "format": fmt,
         "version": maxtrain_version(),
-        "model": cfg.model.model_dump(mode="json"),
+        "model": effective_model(cfg).model_dump(mode="json"),
         "preset": cfg.preset,
         "param_count": cfg.model.param_count(),
         "tokenizer": {"identity": tokenizer_identity},

@@ -16,8 +16,9 @@ def _from_hf(ns: argparse.Namespace) -> int:
 def _to_hf(ns: argparse.Namespace) -> int:
     from maxtrain.convert.exporter import convert_to_hf
 
-    files = convert_to_hf(ns.checkpoint, ns.out_dir, dtype=ns.dtype, max_shard_bytes=int(ns.max_shard_gb * 1e9))
-    print(json.dumps({"out": ns.out_dir, "files": files}))
+    files = convert_to_hf(ns.checkpoint, ns.out_dir, dtype=ns.dtype, max_shard_bytes=int(ns.max_shard_gb * 1e9),
+                          peft_adapter=ns.peft_adapter)
+    print(json.dumps({"out": ns.out_dir, "files": files, **({"peft_adapter": ns.peft_adapter} if ns.peft_adapter else {})}))
     return 0
 
 
@@ -36,4 +37,7 @@ def register_commands(sub) -> None:
     exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="weights dtype (default: the dtype the model was converted from, else float32)")
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors above this size")
+    exp.add_argument("--peft-adapter", metavar="DIR", default=None,
+                     help="LoRA runs: write the adapters as a PEFT adapter dir here and the base (unmerged) weights to "
+                          "OUT_DIR; default: OUT_DIR holds the adapters merged into the weights")
     exp.set_defaults(func=_to_hf)

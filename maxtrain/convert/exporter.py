@@ -92,42 +92,54 @@ def export_to_hf(
     return files + ["config.json"]
 
 
-def _merge_lora_hook(params: Any, cfg: ModelConfig) -> tuple[Any, ModelConfig]:
-    """Fold LoRA factors into the base weights via the finetuning package, or explain why not."""
-    try:
-        from maxtrain.finetune.lora import merge_lora  # provided by the finetuning code
-    except ImportError:
-        raise UserError(
-            "this checkpoint has LoRA adapters and this maxtrain cannot merge them yet; "
-            "merge them and call maxtrain.convert.export_to_hf(merged_params, base_model_cfg, out_dir)"
-        ) from None
-    return merge_lora(params, cfg), cfg.model_copy(update={"lora": None})
-
-
-def convert_to_hf(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+def convert_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    peft_adapter: str | Path | None = None,
+) -> list[str]:
     """Export a maxtrain params dir / checkpoint / run dir as a Hugging Face model dir.
 
     dtype: None keeps the dtype the model was converted from (float32 for models trained here).
+    A LoRA run exports its adapters merged into the weights; with `peft_adapter` it exports the
+    base weights instead and writes the adapters as a PEFT LoRA adapter dir there.
+    A classification head has no causal-LM counterpart and is left out (with a warning).
     """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from maxtrain.checkpoint.params import load_params, read_metadata, resolve_params_dir
+    from maxtrain.checkpoint.params import load_params, model_config_of, read_metadata, resolve_params_dir
     from maxtrain.model.transformer import Transformer
 
     meta = read_metadata(checkpoint)
-    fields = {k: v for k, v in meta["model"].items() if k != "classifier"}
-    model_cfg = ModelConfig(**fields)
+    model_cfg = model_config_of(meta)
     if dtype is None:
         dtype = (meta.get("source") or {}).get("dtype", "float32")
+    if peft_adapter is not None and model_cfg.lora is None:
+        raise UserError(f"'{checkpoint}' has no LoRA adapters to write as a PEFT adapter; drop --peft-adapter")
     model = Transformer(model_cfg)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 2), jnp.int32))["params"]), jax.random.PRNGKey(0))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
     params = load_params(checkpoint, abstract)
-    if model_cfg.lora is not None:
-        params, model_cfg = _merge_lora_hook(params, model_cfg)
+    if model_cfg.classifier is not None:
+        log.warning("leaving out the classification head: a causal-LM export has no place for it")
+        params = {k: v for k, v in params.items() if k != "classifier"}
+    lora = model_cfg.lora
+    base_cfg = model_cfg.model_copy(update={"lora": None, "classifier": None})
+    if lora is not None:
+        from maxtrain.finetune.lora import merge_lora, split_lora
+
+        if peft_adapter is not None:
+            from maxtrain.convert.peft import write_peft_adapter
+
+            params, adapters = split_lora(params)
+            write_peft_adapter(adapters, lora, base_cfg, peft_adapter, base_model=str(Path(out_dir).absolute()), dtype=_DTYPES[dtype])
+        else:
+            params = merge_lora(params, lora)
     _, meta_dir = resolve_params_dir(checkpoint)
     tok_dir = meta_dir if (meta_dir / "maxtrain.json").is_file() else None
-    return export_to_hf(params, model_cfg, out_dir, dtype=dtype, meta=meta, meta_dir=tok_dir, max_shard_bytes=max_shard_bytes)
+    return export_to_hf(params, base_cfg, out_dir, dtype=dtype, meta=meta, meta_dir=tok_dir, max_shard_bytes=max_shard_bytes)

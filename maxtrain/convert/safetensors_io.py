@@ -151,7 +151,8 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list
     return shards
 
 
-def _write_one(path: Path, tensors: Iterable[PlannedTensor]) -> None:
+def write_file(path: Path, tensors: Iterable[PlannedTensor]) -> None:
+    """Write one .safetensors file of `tensors`, each produced only when its bytes are written."""
     tensors = list(tensors)
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -181,12 +182,12 @@ def write_safetensors(out_dir: Path, tensors: list[PlannedTensor], max_shard_byt
     """
     shards = plan_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        _write_one(out_dir / SINGLE_FILE, shards[0])
+        write_file(out_dir / SINGLE_FILE, shards[0])
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        _write_one(out_dir / name, shard)
+        write_file(out_dir / name, shard)
         weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -42,6 +42,20 @@ def merge_lora(params: Any, lora: LoraConfig) -> Any:
     return {k: merge_lora(v, lora) for k, v in params.items()}
 
 
+def split_lora(params: Any) -> tuple[Any, Any]:
+    """(the base params without LoRA leaves, {path: {"lora_a", "lora_b"}} of every adapted kernel)."""
+    adapters: dict[str, dict] = {}
+
+    def walk(tree: Any, prefix: str) -> Any:
+        if not isinstance(tree, dict):
+            return tree
+        if "lora_a" in tree and "lora_b" in tree:
+            adapters[prefix] = {"lora_a": tree["lora_a"], "lora_b": tree["lora_b"]}
+        return {k: walk(v, f"{prefix}/{k}" if prefix else k) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+
+    return walk(params, ""), adapters
+
+
 def adapter_params(params: Any) -> Any:
     """Only the leaves a finetune added (LoRA factors and a task head): what `save_adapters` writes."""
     return _select(params, new_leaf)
