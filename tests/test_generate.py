@@ -1,9 +1,15 @@
-"""Sampling filters, EOS stopping and cache-vs-full-forward agreement of maxtrain.generate."""
+"""Sampling filters, EOS stopping and cache-vs-full-forward agreement of maxtrain.generate; the CLI against transformers."""
+
+import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from maxtrain.config import MeshConfig
 from maxtrain.generate import Generator, Sampling, filtered_logits, sample_tokens
@@ -54,3 +60,55 @@ def test_sampling_is_reproducible_by_seed():
     a, b = gen.generate([[1, 2, 3]], s), gen.generate([[1, 2, 3]], s)
     c = gen.generate([[1, 2, 3]], Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8))
     assert a == b and a != c
+
+
+def _word_tokenizer(vocab: int):
+    """A word-level tokenizer.json: <pad> <s> </s> <unk> and words w4..w{vocab-1} (no training, no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    return tok
+
+
+@pytest.mark.slow
+def test_generate_cli_on_a_converted_hf_model_equals_transformers(tmp_path):
+    """`maxtrain generate` (--prompt and --prompts, real subprocesses) gives transformers' greedy tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from maxtrain.convert import convert_from_hf
+
+    vocab, new_tokens = 64, 6
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    tok = _word_tokenizer(vocab)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                         unk_token="<unk>").save_pretrained(tmp_path / "hf")  # fmt: skip
+    convert_from_hf(tmp_path / "hf", tmp_path / "mt")
+
+    prompts = ["w5 w9 w17 w33", "w40", "w7 w7 w7 w7 w7 w7 w11"]  # different lengths in one batch
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    base = [sys.executable, "-m", "maxtrain.cli", "generate", "--checkpoint", str(tmp_path / "mt"), "--max-new-tokens", str(new_tokens)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")  # one device
+    procs = [subprocess.Popen(base + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for args in (["--prompt", prompts[0]], ["--prompts", str(tmp_path / "prompts.jsonl")])]  # fmt: skip
+    (single, err1), (batch, err2) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, (err1 + err2)[-3000:]
+
+    expected = []
+    for prompt in prompts:
+        ids = [1] + tok.encode(prompt, add_special_tokens=False).ids  # Llama prompts start with BOS
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
+        new = out[0, len(ids):].tolist()
+        expected.append((new, tok.decode([t for t in new if t != 2])))
+    assert single.strip() == prompts[0] + expected[0][1]
+    records = [json.loads(line) for line in batch.strip().splitlines()]
+    assert [r["prompt"] for r in records] == prompts
+    assert [(r["new_tokens"], r["completion"]) for r in records] == [(len(n), text) for n, text in expected]
