@@ -1,10 +1,12 @@
-"""Peak RSS of `convert_from_hf` on a synthetic Llama checkpoint of ~1.5 GB (f32, 2 shards).
+"""Peak RSS of `convert from-hf` and `convert to-hf` on a synthetic Llama checkpoint (f32, 2 shards).
 
-    python benchmarks/convert_memory.py [--layers 12] [--d-model 2048]
+    python benchmarks/convert_memory.py [--layers 8] [--d-model 2048]   # ~1.6 GB
 
-Writes random safetensors shards directly (no torch), then converts in a fresh process and
-reports its peak RSS (ru_maxrss) against the largest HF tensor, the largest stacked maxtrain
-leaf and the model size. Not a test: numbers depend on the machine.
+Writes random safetensors shards directly (no torch), converts them to maxtrain in a fresh
+process, then back to Hugging Face in another, and reports each process's peak RSS growth
+(ru_maxrss after the conversion minus after importing jax and orbax) against the largest HF
+tensor, the largest stacked maxtrain leaf and the model size. Not a test: numbers depend on
+the machine.
 """
 
 import argparse
@@ -48,39 +50,40 @@ def write_checkpoint(path: Path, layers: int, d: int, ffn: int, vocab: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--d-model", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=16384)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        from maxtrain.convert import convert_from_hf
+        from maxtrain.convert import convert_from_hf, convert_to_hf
 
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         import jax  # noqa: F401  (count the framework's own footprint in the baseline)
         import orbax.checkpoint  # noqa: F401
 
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
-        convert_from_hf(args.child[0], args.child[1])
+        (convert_from_hf if args.child[0] == "from-hf" else convert_to_hf)(args.child[1], args.child[2])
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"baseline_rss_bytes": base * 1024, "peak_rss_bytes": peak * 1024, "seconds": time.perf_counter() - t0}))
         return
     with tempfile.TemporaryDirectory() as tmp:
         sizes = write_checkpoint(Path(tmp) / "hf", args.layers, args.d_model, args.ffn, args.vocab)
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        out = subprocess.run([sys.executable, __file__, "--child", f"{tmp}/hf", f"{tmp}/out"], capture_output=True, text=True, env=env)
-        if out.returncode:
-            sys.exit(out.stderr[-2000:])
-        child = json.loads(out.stdout.strip().splitlines()[-1])
-        growth = child["peak_rss_bytes"] - child["baseline_rss_bytes"]
-        report = {**sizes, **child, "peak_growth_bytes": growth,
-                  "growth_over_largest_hf_tensor": round(growth / sizes["largest_hf_tensor_bytes"], 2),
-                  "growth_over_largest_stacked_leaf": round(growth / sizes["largest_stacked_leaf_bytes"], 2),
-                  "growth_over_model": round(growth / sizes["model_bytes"], 3)}
+        report = dict(sizes)
+        for direction, src, dst in (("from-hf", "hf", "mt"), ("to-hf", "mt", "back")):
+            cmd = [sys.executable, __file__, "--child", direction, f"{tmp}/{src}", f"{tmp}/{dst}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                sys.exit(out.stderr[-2000:])
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            growth = child["peak_rss_bytes"] - child["baseline_rss_bytes"]
+            report[direction] = {**child, "peak_growth_bytes": growth,
+                                 "growth_over_largest_hf_tensor": round(growth / sizes["largest_hf_tensor_bytes"], 2),
+                                 "growth_over_largest_stacked_leaf": round(growth / sizes["largest_stacked_leaf_bytes"], 2),
+                                 "growth_over_model": round(growth / sizes["model_bytes"], 3)}
         print(json.dumps(report, indent=2))
-
 
 if __name__ == "__main__":
     main()
