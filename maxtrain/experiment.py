@@ -116,7 +116,7 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
     dtype = compute_dtype(cfg.train.compute_dtype)
     model = Transformer(
         finetuned_model_config(cfg), dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat,
-        unroll_layers=cfg.train.unroll_layers,
+        unroll_layers=cfg.train.unroll_layers, attention_query_block=cfg.train.attention_query_block,
     )
     rules = cfg.mesh.rules
     apply_fn = make_apply_fn(model, rules)

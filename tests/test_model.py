@@ -131,3 +131,26 @@ def test_family_switches_create_their_parameters():
     gpt2 = _init(_tiny(**FAMILIES["gpt2"]))
     assert gpt2["position_embedding"].shape == (64, 32)
     assert "lm_head" not in gpt2 and gpt2["layers"]["attn_norm"]["bias"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_query_blocked_attention_equals_one_block(window):
+    """Blocked causal attention reads fewer keys but gives the same outputs and gradients (GQA, packing, window)."""
+    from maxtrain.model.attention import attention_mask, dot_product_attention
+
+    rng = np.random.default_rng(0)
+    b, s, n, k, h = 2, 64, 4, 2, 8
+    q, kk, v = (jnp.asarray(rng.standard_normal((b, s, heads, h)), jnp.float32) for heads in (n, k, k))
+    seg = jnp.asarray(np.repeat([[1] * 40 + [2] * 20 + [0] * 4], b, axis=0))  # two documents and padding
+    mask = attention_mask(seg, causal=True, sliding_window=window)
+
+    def loss(q, kk, v, block):
+        out = dot_product_attention(q, kk, v, mask, causal=True, sliding_window=window, query_block=block)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, ref), g_ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kk, v, 0)
+    for block in (16, 24):  # 24 leaves a short last block
+        (_, out), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kk, v, block)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        for a, r in zip(g, g_ref):
+            np.testing.assert_allclose(a, r, atol=1e-5)

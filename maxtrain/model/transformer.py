@@ -30,6 +30,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # KV-cache generation (see Attention.decode)
+    query_block: int = 0  # causal attention in query blocks (see attention.dot_product_attention)
 
     @nn.compact
     def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT):
@@ -37,7 +38,7 @@ class Block(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="norm", **kw)
         h = Norm(name="attn_norm", **norm)(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, name="attn", decode=self.decode, **kw)(h, positions_BxS, mask_BxSxT)
+        x_BxSxD = x_BxSxD + Attention(cfg, name="attn", decode=self.decode, query_block=self.query_block, **kw)(h, positions_BxS, mask_BxSxT)
         h = Norm(name="mlp_norm", **norm)(x_BxSxD)
         x_BxSxD = x_BxSxD + Mlp(cfg, name="mlp", **kw)(h)
         return nn.with_logical_constraint(x_BxSxD, _ACT), None
@@ -55,6 +56,7 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: RematPolicy = "none"
     unroll_layers: bool = False  # unroll the scan in HLO; the params keep their stacked layout
+    attention_query_block: int = 0  # causal attention in query blocks of this many tokens; 0: one block
     # Generation: positions index a per-layer KV cache in the "cache" collection, passed and
     # returned with apply(..., mutable=["cache"]); see maxtrain/generate.py.
     decode: bool = False
@@ -83,7 +85,7 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, dtype=self.dtype, param_dtype=self.param_dtype, decode=self.decode, name="layers")
+        )(cfg, self.dtype, self.param_dtype, self.decode, self.attention_query_block, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
         if cfg.classifier is not None:
             self.classifier = ClassifierHead(cfg.classifier, self.dtype, self.param_dtype)
