@@ -3,9 +3,9 @@
 A family (llama.py, gpt2.py) is data: how its config.json maps to ModelConfig and back,
 and a list of `Rule`s, each naming one Hugging Face tensor and the maxtrain leaves it
 holds. Per-layer HF tensors ("{i}" in the name) fill one layer slice of our stacked
-[L, ...] leaves. Import goes leaf by leaf: a leaf is assembled from its L slices (each read
-through a memory map and released), handed to the writer, and dropped before the next,
-so memory holds one stacked leaf plus one HF tensor, never the model.
+[L, ...] leaves. Import hands the writer each leaf as lazy pieces (a stacked leaf one layer
+slice at a time, each read through a memory map), so the writer can store big leaves slice
+by slice and memory holds about one HF tensor, never a stacked leaf or the model.
 """
 
 from __future__ import annotations
@@ -210,20 +210,48 @@ def check_checkpoint(reader: SafetensorsReader, family: Family, cfg: ModelConfig
         )
 
 
-def iter_imported_leaves(reader: SafetensorsReader, family: Family, cfg: ModelConfig, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """(param path, array) per maxtrain leaf, assembled layer by layer; call check_checkpoint first."""
+@dataclass(frozen=True)
+class ImportedLeaf:
+    """One maxtrain leaf to write: path, shape, dtype, and its values as pieces along axis 0.
+
+    pieces(): (first row, array) pairs; a stacked leaf comes one layer slice ([1, ...]) at a
+    time, read from its HF tensor only when asked for.
+    """
+
+    path: str
+    shape: Shape
+    dtype: np.dtype
+    stacked: bool
+    pieces: Callable[[], Iterator[tuple[int, np.ndarray]]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def assemble(self) -> np.ndarray:
+        """The whole leaf in memory (small leaves, handed to orbax together)."""
+        out = np.empty(self.shape, self.dtype)
+        for start, block in self.pieces():
+            out[start : start + block.shape[0]] = block
+        return out
+
+
+def iter_imported_leaves(reader: SafetensorsReader, family: Family, cfg: ModelConfig, dtype) -> Iterator[ImportedLeaf]:
+    """The maxtrain leaves of a checkpoint, each read lazily (layer by layer); call check_checkpoint first."""
     rules, shapes, layers = _bind(family, cfg)
+    dtype = np.dtype(dtype)
     for rule in rules:
         layer_shapes = _layer_shapes(rule, shapes)
         for j, path in enumerate(rule.ours):
-            if not rule.per_layer:
-                yield path, np.asarray(rule.to_ours(reader.read(rule.hf), layer_shapes)[j], dtype)
-                continue
-            stacked = np.empty(shapes[path], dtype)
-            for i, name in enumerate(_hf_names(rule, layers)):
-                stacked[i] = rule.to_ours(reader.read(name), layer_shapes)[j]
-            yield path, stacked
-            del stacked
+
+            def pieces(rule=rule, j=j, layer_shapes=layer_shapes):
+                if not rule.per_layer:
+                    yield 0, np.asarray(rule.to_ours(reader.read(rule.hf), layer_shapes)[j], dtype)
+                    return
+                for i, name in enumerate(_hf_names(rule, layers)):
+                    yield i, np.asarray(rule.to_ours(reader.read(name), layer_shapes)[j], dtype)[None]
+
+            yield ImportedLeaf(path, shapes[path], dtype, rule.per_layer, pieces)
 
 
 def plan_export(params_flat: dict[str, Any], family: Family, cfg: ModelConfig, dtype) -> list[PlannedTensor]:
@@ -240,7 +268,7 @@ def plan_export(params_flat: dict[str, Any], family: Family, cfg: ModelConfig, d
 
             def produce(rule=rule, i=i):
                 slices = tuple(np.asarray(params_flat[p][i] if rule.per_layer else params_flat[p]) for p in rule.ours)
-                return rule.to_hf(slices).astype(dtype)
+                return np.ascontiguousarray(rule.to_hf(slices), dtype)  # one copy: cast and C order together
 
             planned.append(PlannedTensor(name, shape, dtype, produce))
     return planned

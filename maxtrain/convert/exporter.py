@@ -2,7 +2,8 @@
 
 `export_to_hf(params, model_cfg, out_dir)` is the hook for any params tree already in the
 base layout (e.g. LoRA factors merged into the weights by the finetuning code). Tensors
-are produced one at a time while the safetensors shards are written.
+are produced one at a time while the safetensors shards are written; `convert_to_hf` feeds
+it stored leaves read a layer slice at a time (LoRA merged per slice), never the whole tree.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from maxtrain.convert.core import flatten, plan_export
+from maxtrain.convert.core import abstract_param_shapes, flatten, plan_export, unflatten
 from maxtrain.convert.families import family_for_model
 from maxtrain.convert.importer import HF_SIDE_DIR, HF_SIDE_FILES
-from maxtrain.convert.safetensors_io import FLOAT_DTYPES, write_safetensors
+from maxtrain.convert.safetensors_io import FLOAT_DTYPES, big_buffers_mmapped, write_safetensors
 from maxtrain.errors import UserError
 from maxtrain.model.config import ModelConfig
 
@@ -92,6 +93,50 @@ def export_to_hf(
     return files + ["config.json"]
 
 
+def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool) -> tuple[dict, dict]:
+    """({path: stored leaf read on demand} of the base model with LoRA merged per slice, {kernel path: factors}).
+
+    peft: keep the base kernels unmerged and return the factors for a PEFT adapter instead.
+    """
+    import jax
+
+    from maxtrain.checkpoint.params import check_shapes, resolve_params_dir
+    from maxtrain.convert.orbax_io import ItemReader, LazyLeaf
+
+    params_dir, _ = resolve_params_dir(checkpoint)
+    shapes = abstract_param_shapes(model_cfg)
+    check_shapes(params_dir, unflatten({n: jax.ShapeDtypeStruct(s, np.float32) for n, s in shapes.items()}), what="params")
+    reader = ItemReader(params_dir)
+    flat = {path: LazyLeaf(reader, path) for path in shapes}
+    if model_cfg.classifier is not None:
+        log.warning("leaving out the classification head: a causal-LM export has no place for it")
+        flat = {path: leaf for path, leaf in flat.items() if not path.startswith("classifier/")}
+    adapters = {}
+    for path in [p for p in flat if p.endswith("/lora_a")]:
+        prefix = path[: -len("/lora_a")]
+        a, b = flat.pop(prefix + "/lora_a"), flat.pop(prefix + "/lora_b")
+        if peft:
+            adapters[prefix] = {"lora_a": a, "lora_b": b}
+        else:
+            flat[prefix + "/kernel"] = MergedKernel(flat[prefix + "/kernel"], a, b, model_cfg.lora.scale)
+    return flat, adapters
+
+
+class MergedKernel:
+    """A stacked kernel with its LoRA adapters folded in, one layer slice at a time: W[i] + (alpha / r) A[i] B[i]."""
+
+    def __init__(self, kernel, a, b, scale: float):
+        self.kernel, self.a, self.b, self.scale = kernel, a, b, scale
+        self.shape = kernel.shape
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from maxtrain.finetune.lora import lora_delta
+
+        w = np.asarray(self.kernel[i])
+        delta = np.asarray(lora_delta(self.a[i], self.b[i], w.shape, self.scale))
+        return (w.astype(np.float32) + delta).astype(w.dtype)  # as merge_lora: f32 sum, stored dtype
+
+
 def convert_to_hf(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -106,40 +151,25 @@ def convert_to_hf(
     A LoRA run exports its adapters merged into the weights; with `peft_adapter` it exports the
     base weights instead and writes the adapters as a PEFT LoRA adapter dir there.
     A classification head has no causal-LM counterpart and is left out (with a warning).
+    Stored leaves are read one layer slice at a time, so memory stays a few HF tensors.
     """
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from maxtrain.checkpoint.params import load_params, model_config_of, read_metadata, resolve_params_dir
-    from maxtrain.model.transformer import Transformer
+    from maxtrain.checkpoint.params import model_config_of, read_metadata, resolve_params_dir
 
     meta = read_metadata(checkpoint)
     model_cfg = model_config_of(meta)
     if dtype is None:
         dtype = (meta.get("source") or {}).get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise UserError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     if peft_adapter is not None and model_cfg.lora is None:
         raise UserError(f"'{checkpoint}' has no LoRA adapters to write as a PEFT adapter; drop --peft-adapter")
-    model = Transformer(model_cfg)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 2), jnp.int32))["params"]), jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-    params = load_params(checkpoint, abstract)
-    if model_cfg.classifier is not None:
-        log.warning("leaving out the classification head: a causal-LM export has no place for it")
-        params = {k: v for k, v in params.items() if k != "classifier"}
-    lora = model_cfg.lora
+    flat, adapters = _lazy_params(checkpoint, model_cfg, peft=peft_adapter is not None)
     base_cfg = model_cfg.model_copy(update={"lora": None, "classifier": None})
-    if lora is not None:
-        from maxtrain.finetune.lora import merge_lora, split_lora
+    if peft_adapter is not None:
+        from maxtrain.convert.peft import write_peft_adapter
 
-        if peft_adapter is not None:
-            from maxtrain.convert.peft import write_peft_adapter
-
-            params, adapters = split_lora(params)
-            write_peft_adapter(adapters, lora, base_cfg, peft_adapter, base_model=str(Path(out_dir).absolute()), dtype=_DTYPES[dtype])
-        else:
-            params = merge_lora(params, lora)
+        write_peft_adapter(adapters, model_cfg.lora, base_cfg, peft_adapter, base_model=str(Path(out_dir).absolute()), dtype=_DTYPES[dtype])
     _, meta_dir = resolve_params_dir(checkpoint)
     tok_dir = meta_dir if (meta_dir / "maxtrain.json").is_file() else None
-    return export_to_hf(params, base_cfg, out_dir, dtype=dtype, meta=meta, meta_dir=tok_dir, max_shard_bytes=max_shard_bytes)
+    with big_buffers_mmapped():
+        return export_to_hf(unflatten(flat), base_cfg, out_dir, dtype=dtype, meta=meta, meta_dir=tok_dir, max_shard_bytes=max_shard_bytes)

@@ -1,9 +1,10 @@
 """`maxtrain convert from-hf`: a Hugging Face dir (config.json + safetensors) -> maxtrain params dir.
 
 Everything is checked before anything is written (architecture, every tensor's presence,
-shape and dtype, unknown tensors). The params are then written leaf by leaf with orbax's
-partial save, so peak memory is about one stacked leaf, not the model; the result has the
-layout of `maxtrain.checkpoint.save_params` and loads with `load_params` / `init_from`.
+shape and dtype, unknown tensors). Small leaves are then written with orbax's partial save,
+big ones a layer slice at a time into the same orbax item, so peak memory is a few HF
+tensors, not a stacked leaf or the model; the result has the layout of
+`maxtrain.checkpoint.save_params` and loads with `load_params` / `init_from`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Iterable
 
 import numpy as np
 
-from maxtrain.convert.core import check_checkpoint, iter_imported_leaves, unflatten
+from maxtrain.convert.core import ImportedLeaf, check_checkpoint, flatten, iter_imported_leaves, unflatten
+from maxtrain.convert.orbax_io import register_arrays, sync_item, write_array
 from maxtrain.convert.families import family_for_hf
-from maxtrain.convert.safetensors_io import FLOAT_DTYPES, SafetensorsReader
+from maxtrain.convert.safetensors_io import FLOAT_DTYPES, SafetensorsReader, big_buffers_mmapped, return_freed_memory
 from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.convert")
@@ -30,7 +32,8 @@ HF_SIDE_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )  # fmt: skip
 HF_SIDE_DIR = "hf"
-_FLUSH_BYTES = 64 << 20  # small leaves are written together, up to this many bytes per orbax call
+_FLUSH_BYTES = 16 << 20  # small leaves are written together, up to this many bytes per orbax call
+DIRECT_WRITE_BYTES = 4 << 20  # leaves this big are written slice by slice, not through orbax
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -84,46 +87,45 @@ def _stored_dtype(reader: SafetensorsReader) -> str:
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[sorted(dtypes)[0]] if len(dtypes) == 1 else "float32"
 
 
-def _return_freed_memory() -> None:
-    # tensorstore's writer threads leave freed buffers in glibc arenas; without a trim the
-    # process keeps each written leaf's pages and RSS climbs toward the model size.
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def write_params_streaming(out: Path, leaves: Iterable[tuple[str, np.ndarray]], *, cfg, tokenizer_path: Path | None, extra: dict) -> None:
+def write_params_streaming(out: Path, leaves: Iterable[ImportedLeaf], *, cfg, tokenizer_path: Path | None, extra: dict) -> None:
     """Write params leaf by leaf into the `save_params` layout (OUT/params + OUT/maxtrain.json last).
 
-    Uses orbax's partial save (each call adds leaves to one checkpoint); without it, falls
-    back to `save_params` on the whole tree (memory = model size).
+    Small leaves go through orbax's partial save in groups; leaves of DIRECT_WRITE_BYTES or
+    more are then written into the same orbax item slice by slice (maxtrain.convert.orbax_io),
+    so memory holds about one HF tensor. Without partial save, falls back to `save_params`
+    on the whole tree (memory = model size).
     """
-    from maxtrain.checkpoint.params import METADATA_FILE, PARAMS_ITEM, base_metadata, save_params, write_atomic
+    from maxtrain.checkpoint.params import METADATA_FILE, PARAMS_ITEM, base_metadata, save_params, saved_tree_metadata, write_atomic
 
     try:
         from orbax.checkpoint.experimental.v1 import partial
     except ImportError:
         log.warning("orbax partial save unavailable; writing the whole tree at once (memory = model size)")
-        save_params(out, unflatten(dict(leaves)), cfg=cfg, tokenizer_path=str(tokenizer_path) if tokenizer_path else None, extra=extra)
+        tree = unflatten({leaf.path: leaf.assemble() for leaf in leaves})
+        save_params(out, tree, cfg=cfg, tokenizer_path=str(tokenizer_path) if tokenizer_path else None, extra=extra)
         return
     staging = out / "params-staging"  # no leading dot: orbax globs its pending dirs
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(staging.with_name(staging.name + ".partial_save"), ignore_errors=True)
     pending: dict[str, np.ndarray] = {}
     pending_bytes = 0
-    for path, leaf in leaves:
-        # orbax holds ~3x what one call writes: small leaves go in groups, a big one is written
-        # at once, and no reference survives into the next leaf's assembly.
-        pending[path] = leaf
+    direct: list[ImportedLeaf] = []
+    shapes: dict[str, tuple] = {}
+    for leaf in leaves:
+        shapes[leaf.path] = leaf.shape
+        if leaf.nbytes >= DIRECT_WRITE_BYTES:
+            direct.append(leaf)  # read and written after the orbax item exists
+            continue
+        pending[leaf.path] = leaf.assemble()
         pending_bytes += leaf.nbytes
-        del leaf
-        if pending_bytes >= _FLUSH_BYTES:
+        if pending_bytes >= _FLUSH_BYTES:  # orbax holds ~3x what one call writes
             partial.save(staging, unflatten(pending))
             pending, pending_bytes = {}, 0
-            _return_freed_memory()
+            return_freed_memory()
+    if not pending and not staging.with_name(staging.name + ".partial_save").exists():
+        smallest = min(direct, key=lambda leaf: leaf.nbytes)  # orbax must create the item (its _METADATA)
+        direct.remove(smallest)
+        pending[smallest.path] = smallest.assemble()
     if pending:
         partial.save(staging, unflatten(pending))
     del pending
@@ -131,8 +133,17 @@ def write_params_streaming(out: Path, leaves: Iterable[tuple[str, np.ndarray]], 
     items = [d for d in staging.iterdir() if (d / "_METADATA").is_file()]
     if len(items) != 1:
         raise RuntimeError(f"unexpected orbax partial-save layout in {staging}: {sorted(p.name for p in staging.iterdir())}")
-    items[0].rename(out / PARAMS_ITEM)
+    item = out / PARAMS_ITEM
+    items[0].rename(item)
     shutil.rmtree(staging)
+    for leaf in direct:
+        write_array(item, leaf.path, leaf.shape, leaf.dtype, leaf.pieces(), stacked=leaf.stacked)
+        return_freed_memory()
+    sync_item(item)
+    register_arrays(item, [leaf.path for leaf in direct])
+    written = {path: tuple(m.shape) for path, m in flatten(saved_tree_metadata(item)).items()}
+    if written != shapes:  # orbax must read back exactly the tree we meant to write
+        raise RuntimeError(f"params written to {item} read back as {sorted(written)} instead of {sorted(shapes)}")
     meta = base_metadata(cfg, fmt="maxtrain-params")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out / tokenizer_path.name)
@@ -178,10 +189,11 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str
     }  # fmt: skip
     dtype = np.dtype(FLOAT_DTYPES["BF16"] if param_dtype == "bfloat16" else np.float32)
     largest = max(np.dtype(FLOAT_DTYPES[t.dtype]).itemsize * int(np.prod(t.shape)) for t in reader.tensors.values())
-    write_params_streaming(
-        out, iter_imported_leaves(reader, family, model_cfg, dtype), cfg=RunConfig(model=model_cfg),
-        tokenizer_path=tokenizer, extra={"source": source, "hf_tokenizer": tok_meta},
-    )  # fmt: skip
+    with big_buffers_mmapped():
+        write_params_streaming(
+            out, iter_imported_leaves(reader, family, model_cfg, dtype), cfg=RunConfig(model=model_cfg),
+            tokenizer_path=tokenizer, extra={"source": source, "hf_tokenizer": tok_meta},
+        )  # fmt: skip
     side = out / HF_SIDE_DIR
     side.mkdir(exist_ok=True)
     for name in HF_SIDE_FILES:
