@@ -20,7 +20,7 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -166,7 +166,3 @@ class LazyLeaf:
         value = self.reader.read(self.path)
         return value if dtype is None else value.astype(dtype)
 
-
-def iter_rows(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """The (0, array) piece of an unstacked leaf, for `write_array`."""
-    yield 0, array
