@@ -16,25 +16,28 @@ LETTERS = "abcdefgh"
 DIGITS = "0123456789"
 
 
+# Sizes are chosen so a ~1M-parameter model learns each task within a few hundred steps on
+# CPU (longer lists and two-digit + two-digit sums took thousands); every record stays
+# under ~50 tokens, so packed rows hold several whole examples.
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    xs = rng.choices(LETTERS, k=rng.randint(3, 5))
+    xs = rng.choices(LETTERS, k=rng.randint(3, 4))
     return "reverse: " + " ".join(xs), " ".join(reversed(xs))
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    xs = rng.choices(DIGITS, k=rng.randint(3, 5))
+    xs = rng.choices(DIGITS, k=rng.randint(3, 4))
     return "sort: " + " ".join(xs), " ".join(sorted(xs))
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)  # 1000 distinct prompts
     return f"add: {' '.join(str(a))} + {' '.join(str(b))}", " ".join(str(a + b))
 
 
 def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(LETTERS, 4)
-    values = rng.choices(DIGITS, k=4)
-    k = rng.randrange(4)
+    keys = rng.sample(LETTERS, 3)
+    values = rng.choices(DIGITS, k=3)
+    k = rng.randrange(3)
     table = " ".join(f"{key} = {v}" for key, v in zip(keys, values))
     return f"lookup {keys[k]} in: {table}", values[k]
 
@@ -112,7 +115,7 @@ def register_commands(sub) -> None:
     tsub = p.add_subparsers(dest="tasks_command", required=True)
     make = tsub.add_parser("make", help="write train/eval instruction JSONL and a classification JSONL pair")
     make.add_argument("out", help="output directory")
-    make.add_argument("--train", type=int, default=4000, help="training records per file")
+    make.add_argument("--train", type=int, default=2000, help="training records per file")
     make.add_argument("--eval", type=int, default=200, help="held-out records (prompts never in training)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
@@ -121,6 +124,9 @@ def register_commands(sub) -> None:
         unknown = [t for t in ns.tasks.split(",") if t not in TASKS]
         if unknown:
             raise UserError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-        return _cmd_make(ns)
+        try:
+            return _cmd_make(ns)
+        except ValueError as e:  # a task ran out of distinct prompts
+            raise UserError(f"{e}; ask for fewer --train/--eval records") from None
 
     make.set_defaults(func=run)
