@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from maxtrain.model.config import ModelConfig
-from maxtrain.model.layers import Dtype, Linear, Norm, apply_rope, rope_frequencies
+from maxtrain.model.layers import Dtype, Linear, Norm, apply_rope
 
 
 def attention_mask(
@@ -79,7 +79,8 @@ class Attention(nn.Module):
     query_block: int = 0  # causal attention in query blocks of this size (see dot_product_attention); 0: one block
 
     @nn.compact
-    def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array) -> jax.Array:
+    def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array, rope=None) -> jax.Array:
+        """rope: the (sin, cos) tables of layers.rope_tables for these positions (RoPE models)."""
         cfg = self.cfg
         n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
         kw = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype, lora=cfg.lora)
@@ -90,10 +91,9 @@ class Attention(nn.Module):
             norm = dict(kind="rmsnorm", eps=cfg.norm_eps, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype)
             q_BxSxNxH = Norm(name="q_norm", **norm)(q_BxSxNxH)
             k_BxSxKxH = Norm(name="k_norm", **norm)(k_BxSxKxH)
-        if cfg.positions == "rope":
-            inv_freq = rope_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
-            q_BxSxNxH = apply_rope(q_BxSxNxH, positions_BxS, inv_freq)
-            k_BxSxKxH = apply_rope(k_BxSxKxH, positions_BxS, inv_freq)
+        if rope is not None:
+            q_BxSxNxH = apply_rope(q_BxSxNxH, *rope)
+            k_BxSxKxH = apply_rope(k_BxSxKxH, *rope)
         if self.decode:
             k_BxSxKxH, v_BxSxKxH, mask_BxSxT = self._attend_to_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS)
         q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("activation_batch", "activation_length", "activation_heads", None))

@@ -123,12 +123,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return jnp.where(is_medium, interpolated, scaled)
 
 
-def apply_rope(x_BxSxNxH: jax.Array, positions_BxS: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate pairs (i, i + H/2) of each head by position x frequency (the HF/Llama "half" layout)."""
+def rope_tables(positions_BxS: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) of position x frequency, [B, S, 1, H/2] in f32: computed once per forward, shared by every layer.
+
+    Computing them inside each layer let XLA fuse sin/cos into every q/k rotation, which
+    then evaluated them per element of every head (the costliest elementwise op on CPU).
+    """
     angles_BxSxH2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq
-    sin, cos = jnp.sin(angles_BxSxH2)[:, :, None, :], jnp.cos(angles_BxSxH2)[:, :, None, :]
+    return jnp.sin(angles_BxSxH2)[:, :, None, :], jnp.cos(angles_BxSxH2)[:, :, None, :]
+
+
+def apply_rope(x_BxSxNxH: jax.Array, sin_BxSx1xH2: jax.Array, cos_BxSx1xH2: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + H/2) of each head by position x frequency (the HF/Llama "half" layout)."""
     x32 = x_BxSxNxH.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
+    sin, cos = sin_BxSx1xH2, cos_BxSx1xH2
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BxSxNxH.dtype)
 

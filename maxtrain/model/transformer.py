@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from maxtrain.model.attention import Attention, attention_mask
 from maxtrain.model.config import ModelConfig
 from maxtrain.model.heads import ClassifierHead
-from maxtrain.model.layers import Dtype, Linear, Mlp, Norm
+from maxtrain.model.layers import Dtype, Linear, Mlp, Norm, rope_frequencies, rope_tables
 
 RematPolicy = Literal["none", "full", "dots"]
 
@@ -33,12 +33,13 @@ class Block(nn.Module):
     query_block: int = 0  # causal attention in query blocks (see attention.dot_product_attention)
 
     @nn.compact
-    def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT):
+    def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT, rope=None):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="norm", **kw)
         h = Norm(name="attn_norm", **norm)(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, name="attn", decode=self.decode, query_block=self.query_block, **kw)(h, positions_BxS, mask_BxSxT)
+        attn = Attention(cfg, name="attn", decode=self.decode, query_block=self.query_block, **kw)
+        x_BxSxD = x_BxSxD + attn(h, positions_BxS, mask_BxSxT, rope)
         h = Norm(name="mlp_norm", **norm)(x_BxSxD)
         x_BxSxD = x_BxSxD + Mlp(cfg, name="mlp", **kw)(h)
         return nn.with_logical_constraint(x_BxSxD, _ACT), None
@@ -81,7 +82,7 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -107,7 +108,10 @@ class Transformer(nn.Module):
             x_BxSxD = x_BxSxD + jnp.take(self.position_embedding, positions_BxS, axis=0).astype(self.dtype)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, _ACT)
         mask_BxSxT = attention_mask(segment_ids_BxS, causal=cfg.causal, sliding_window=cfg.sliding_window)
-        x_BxSxD, _ = self.layers(x_BxSxD, positions_BxS, mask_BxSxT)
+        rope = None
+        if cfg.positions == "rope":
+            rope = rope_tables(positions_BxS, rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
+        x_BxSxD, _ = self.layers(x_BxSxD, positions_BxS, mask_BxSxT, rope)
         hidden_BxSxD = self.final_norm(x_BxSxD)
         if classify or (self.cfg.classifier is not None and self.is_initializing()):
             class_logits_BxC = self.classifier(hidden_BxSxD, segment_ids_BxS)  # init must create the head too
