@@ -5,8 +5,10 @@
     python benchmarks/train_throughput.py --preset llama3.2-1b --seq-len 2048 --batch 8 --dtype bfloat16
 
 Prints one JSON line. With --compare-hf both stacks run the identical shape in the same
-process, in alternating rounds, so background load hits both alike; `ratio` is
-maxtrain tokens/s over transformers tokens/s (median step times).
+process, alternating step by step (the default rounds of one step), so drifts in machine
+speed hit both alike; `ratio` is maxtrain tokens/s over transformers tokens/s (median step
+times). Coarser alternation (rounds of 5-10 steps) moved the ratio by +-0.05 run to run on
+a shared host; step-by-step alternation of two identical programs agrees within 0.1%.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=30, help="rounds; with --compare-hf each round times both stacks")
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides, e.g. model.num_layers=2")
     return p.parse_args()
