@@ -90,6 +90,10 @@ class TrainConfig(BaseModel):
     # can see, skipping the masked upper triangle (exact; 0 disables). ~3x faster attention
     # on CPU at sequence 256 (benchmarks/train_throughput.py).
     attention_query_block: int = Field(128, ge=0)
+    # The LM loss over chunks of this many positions, each chunk's logits recomputed in the
+    # backward pass, so the [batch, seq, vocab] f32 logits never exist at once (Llama 3's
+    # 128k vocabulary at 8 x 2048 tokens is 8.4 GB of them). 0: the whole sequence at once.
+    loss_chunk: int = Field(0, ge=0)
     z_loss: float = Field(0.0, ge=0)
     # causal_lm: next token on every weighted target; sft: the same loss on response tokens only
     # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.

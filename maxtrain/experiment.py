@@ -55,11 +55,14 @@ def check_batch_geometry(cfg: RunConfig, mesh: Mesh) -> None:
 
 
 def make_apply_fn(model: nn.Module, rules) -> Callable[..., jax.Array]:
-    """`apply(params, tokens, positions, segment_ids, **kw)` with the logical-axis rules in scope."""
+    """`apply(params, tokens, positions, segment_ids, **kw)` with the logical-axis rules in scope.
 
-    def apply(params, tokens, positions=None, segment_ids=None, **kwargs):
+    Other model methods go through `method=` (e.g. `apply(params, hidden, method="logits")`).
+    """
+
+    def apply(params, *args, **kwargs):
         with nn.logical_axis_rules(rules):
-            return model.apply({"params": params}, tokens, positions, segment_ids, **kwargs)
+            return model.apply({"params": params}, *args, **kwargs)
 
     return apply
 
@@ -67,8 +70,8 @@ def make_apply_fn(model: nn.Module, rules) -> Callable[..., jax.Array]:
 def build_objective(cfg: RunConfig, apply_fn) -> Objective:
     """The objective named by `train.objective` (one table; modes add rows, not branches)."""
     objectives = {
-        "causal_lm": lambda: causal_lm_objective(apply_fn, z_loss=cfg.train.z_loss),
-        "sft": lambda: sft_objective(apply_fn, z_loss=cfg.train.z_loss),
+        "causal_lm": lambda: causal_lm_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
+        "sft": lambda: sft_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
         "classification": lambda: classification_objective(apply_fn),
     }
     return objectives[cfg.train.objective]()

@@ -32,17 +32,46 @@ def token_cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> tupl
     return lse_BxS - target_logit_BxS, lse_BxS, correct_BxS
 
 
-def causal_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0) -> Objective:
+def chunked_token_cross_entropy(
+    logits_of: Callable[[jax.Array], jax.Array], hidden_BxSxD: jax.Array, targets_BxS: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """token_cross_entropy over sequence chunks of `chunk` positions, logits recomputed in the backward pass.
+
+    logits_of: hidden [B, c, D] -> logits [B, c, V]. Chunks run under `lax.scan` with
+    `jax.checkpoint`, so only one chunk's logits (and their gradient) are live at a time.
+    Chunking the sequence axis keeps the batch axis, and its sharding, intact.
+    """
+    b, s, d = hidden_BxSxD.shape
+    n = -(-s // chunk)
+    pad = n * chunk - s  # a short last chunk is padded; its extra positions are dropped below
+    h_NxBxCxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    t_NxBxC = jnp.pad(targets_BxS, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_BxCxD, t_BxC):
+        return token_cross_entropy(logits_of(h_BxCxD), t_BxC)
+
+    _, per_chunk = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (h_NxBxCxD, t_NxBxC))
+    return tuple(x.swapaxes(0, 1).reshape(b, n * chunk)[:, :s] for x in per_chunk)
+
+
+def causal_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0, loss_chunk: int = 0) -> Objective:
     """Next-token cross-entropy weighted by `loss_weights`, plus optional z-loss (z * logsumexp^2).
 
     The batch carries explicit `targets`, so packing, prompt masking (SFT) and masked-LM
     targets are all data-format concerns, not objective code.
+    loss_chunk: > 0 computes the loss in sequence chunks (chunked_token_cross_entropy).
     """
 
     def objective(params, batch: Batch, rng: jax.Array):
         del rng  # no dropout in the base stack
-        logits_BxSxV = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
-        nll_BxS, lse_BxS, correct_BxS = token_cross_entropy(logits_BxSxV, batch["targets"])
+        inputs = (params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        if loss_chunk:
+            hidden_BxSxD = apply_fn(*inputs, return_hidden=True)
+            logits_of = lambda h: apply_fn(params, h, method="logits")  # noqa: E731
+            nll_BxS, lse_BxS, correct_BxS = chunked_token_cross_entropy(logits_of, hidden_BxSxD, batch["targets"], loss_chunk)
+        else:
+            nll_BxS, lse_BxS, correct_BxS = token_cross_entropy(apply_fn(*inputs), batch["targets"])
         w_BxS = batch["loss_weights"].astype(jnp.float32)
         nll_sum = jnp.sum(nll_BxS * w_BxS)
         z_sum = jnp.sum(jnp.square(lse_BxS) * w_BxS)
@@ -59,7 +88,7 @@ def _dropout_rngs(rng: jax.Array | None) -> dict:
     return {} if rng is None else {"rngs": {"dropout": rng}}
 
 
-def sft_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0) -> Objective:
+def sft_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0, loss_chunk: int = 0) -> Objective:
     """Instruction tuning: the causal-LM loss, with the step's rng as the dropout rng.
 
     Which tokens count (responses only, EOS included) is the SFT data format's job: it sets
@@ -68,7 +97,7 @@ def sft_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0) -> Objective:
 
     def objective(params, batch: Batch, rng: jax.Array | None):
         apply = lambda *args, **kw: apply_fn(*args, **kw, **_dropout_rngs(rng))  # noqa: E731
-        return causal_lm_objective(apply, z_loss=z_loss)(params, batch, rng)
+        return causal_lm_objective(apply, z_loss=z_loss, loss_chunk=loss_chunk)(params, batch, rng)
 
     return objective
 
