@@ -130,11 +130,9 @@ class MergedKernel:
         self.shape = kernel.shape
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from maxtrain.finetune.lora import lora_delta
+        from maxtrain.finetune.lora import merged_kernel
 
-        w = np.asarray(self.kernel[i])
-        delta = np.asarray(lora_delta(self.a[i], self.b[i], w.shape, self.scale))
-        return (w.astype(np.float32) + delta).astype(w.dtype)  # as merge_lora: f32 sum, stored dtype
+        return np.asarray(merged_kernel(np.asarray(self.kernel[i]), self.a[i], self.b[i], self.scale))
 
 
 def convert_to_hf(

@@ -27,6 +27,11 @@ def lora_delta(a: jnp.ndarray, b: jnp.ndarray, kernel_shape: tuple[int, ...], sc
     return (scale * (a2 @ b2)).reshape(kernel_shape)
 
 
+def merged_kernel(kernel, a, b, scale: float):
+    """kernel + scale * A B, summed in f32 and stored in the kernel's dtype (one layer or a stack)."""
+    return (kernel.astype(jnp.float32) + lora_delta(a, b, kernel.shape, scale)).astype(kernel.dtype)
+
+
 def merge_lora(params: Any, lora: LoraConfig) -> Any:
     """Base-model params with every adapter folded in: kernel + (alpha / r) A B; the LoRA leaves removed.
 
@@ -35,10 +40,9 @@ def merge_lora(params: Any, lora: LoraConfig) -> Any:
     if not isinstance(params, dict):
         return params
     if "lora_a" in params and "lora_b" in params:
-        kernel = params["kernel"]
-        merged = kernel.astype(jnp.float32) + lora_delta(params["lora_a"], params["lora_b"], kernel.shape, lora.scale)
+        merged = merged_kernel(params["kernel"], params["lora_a"], params["lora_b"], lora.scale)
         rest = {k: v for k, v in params.items() if k not in ("lora_a", "lora_b", "kernel")}
-        return {**rest, "kernel": merged.astype(kernel.dtype)}
+        return {**rest, "kernel": merged}
     return {k: merge_lora(v, lora) for k, v in params.items()}
 
 

@@ -47,42 +47,46 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }  # fmt: skip
 
 
-def instruction_records(n: int, seed: int, tasks=tuple(TASKS), exclude: set[str] = frozenset()) -> list[dict]:
-    """n Alpaca-style records {instruction, input, output, task}, tasks in turn, prompts not in `exclude`."""
+def _distinct(n: int, seed: int, exclude: set[str], draw, what: str) -> list[dict]:
+    """n records from `draw(rng, i) -> (key, record) | None`, no key twice nor in `exclude` (None: redraw)."""
     rng = random.Random(seed)
     records, seen, attempts = [], set(exclude), 0
     while len(records) < n:
         attempts += 1
         if attempts > 100 * n:
-            raise ValueError(f"cannot draw {n} distinct prompts for tasks {tasks}")
-        name = tasks[len(records) % len(tasks)]
-        prompt, answer = TASKS[name](rng)
-        if prompt in seen:
+            raise ValueError(f"cannot draw {n} distinct {what}")
+        drawn = draw(rng, len(records))
+        if drawn is None or drawn[0] in seen:
             continue
-        seen.add(prompt)
-        records.append({"instruction": prompt, "input": "", "output": answer, "task": name})
+        seen.add(drawn[0])
+        records.append(drawn[1])
     return records
+
+
+def instruction_records(n: int, seed: int, tasks=tuple(TASKS), exclude: set[str] = frozenset()) -> list[dict]:
+    """n Alpaca-style records {instruction, input, output, task}, tasks in turn, prompts not in `exclude`."""
+
+    def draw(rng: random.Random, i: int):
+        name = tasks[i % len(tasks)]
+        prompt, answer = TASKS[name](rng)
+        return prompt, {"instruction": prompt, "input": "", "output": answer, "task": name}
+
+    return _distinct(n, seed, exclude, draw, f"prompts for tasks {tasks}")
 
 
 def classification_records(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
     """{text, label}: are the digits in ascending order (1), descending order (2), or neither (0)?"""
-    rng = random.Random(seed)
-    records, seen, attempts = [], set(exclude), 0
-    while len(records) < n:
-        attempts += 1
-        if attempts > 100 * n:
-            raise ValueError(f"cannot draw {n} distinct classification texts")
-        label = len(records) % 3
+
+    def draw(rng: random.Random, i: int):
+        label = i % 3
         xs = rng.choices(DIGITS, k=rng.randint(4, 6))
         xs = sorted(xs) if label == 1 else sorted(xs, reverse=True) if label == 2 else xs
         if label == 0 and (xs == sorted(xs) or xs == sorted(xs, reverse=True)):
-            continue
+            return None
         text = " ".join(xs)
-        if text in seen:
-            continue
-        seen.add(text)
-        records.append({"text": text, "label": label})
-    return records
+        return text, {"text": text, "label": label}
+
+    return _distinct(n, seed, exclude, draw, "classification texts")
 
 
 def write_suite(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, tasks=tuple(TASKS)) -> dict[str, Path]:
