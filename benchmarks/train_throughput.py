@@ -75,7 +75,9 @@ def _maxtrain_runner(args):
         return (time.perf_counter() - t) / n
 
     run(2)  # warm-up
-    return cfg, run, compile_s, memory
+    from maxtrain.step import xla_options
+
+    return cfg, run, compile_s, memory, xla_options(exp.mesh, cfg.train.xla_options)
 
 
 def _hf_runner(cfg, args):
@@ -115,7 +117,7 @@ def main() -> int:
     args = _parse()
     from maxtrain.metrics import peak_flops_total
 
-    cfg, run_maxtrain, compile_s, memory = _maxtrain_runner(args)
+    cfg, run_maxtrain, compile_s, memory, options = _maxtrain_runner(args)
     run_hf = _hf_runner(cfg, args) if args.compare_hf else None
     ours, theirs = [], []
     for _ in range(args.rounds):
@@ -133,6 +135,7 @@ def main() -> int:
         "mfu": round(tokens / step_s * cfg.model.flops_per_token(args.seq_len) / peak, 4),
         "compile_s": round(compile_s, 2), "peak_flops": peak,
         "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+        "xla_options": options or {},
     }  # fmt: skip
     if jax.devices()[0].platform == "gpu":
         stats = jax.devices()[0].memory_stats() or {}

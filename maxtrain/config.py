@@ -95,6 +95,9 @@ class TrainConfig(BaseModel):
     # 128k vocabulary at 8 x 2048 tokens is 8.4 GB of them). 0: the whole sequence at once.
     loss_chunk: int = Field(0, ge=0)
     z_loss: float = Field(0.0, ge=0)
+    # XLA compiler options for the step (e.g. {xla_cpu_enable_fast_math: true}). None: our
+    # measured defaults for the platform (see step.xla_options); {}: XLA's own defaults.
+    xla_options: dict[str, str | bool | int | float] | None = None
     # causal_lm: next token on every weighted target; sft: the same loss on response tokens only
     # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.
     objective: Literal["causal_lm", "sft", "classification"] = "causal_lm"

@@ -23,7 +23,7 @@ from maxtrain.finetune.trainable import TrainableSet, path_name, trainable_set
 from maxtrain.model.config import ModelConfig
 from maxtrain.objectives import Objective, causal_lm_objective, classification_objective, sft_objective
 from maxtrain.optim import build_optimizer
-from maxtrain.step import TrainState, build_eval_step, build_train_step, init_train_state, jit_train_step
+from maxtrain.step import TrainState, build_eval_step, build_train_step, init_train_state, jit_train_step, xla_options
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -138,8 +138,9 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
     step = build_train_step(
         objective, optimizer, schedule, microbatches=cfg.train.microbatches, mesh=mesh, trainable=is_trainable
     )
-    train_step = jit_train_step(step, shardings, batch_shard)
-    eval_step = jax.jit(build_eval_step(objective), in_shardings=(shardings.params, batch_shard))
+    options = xla_options(mesh, cfg.train.xla_options)
+    train_step = jit_train_step(step, shardings, batch_shard, options)
+    eval_step = jax.jit(build_eval_step(objective), in_shardings=(shardings.params, batch_shard), compiler_options=options)
     return Experiment(
         cfg, mesh, model, apply_fn, objective, optimizer, schedule, state, shardings, batch_shard, train_step, eval_step,
         trainable,

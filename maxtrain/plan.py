@@ -63,7 +63,7 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool
     from maxtrain.mesh import batch_sharding, build_mesh
     from maxtrain.model.transformer import Transformer
     from maxtrain.optim import build_optimizer
-    from maxtrain.step import TrainState, build_train_step, jit_train_step, state_shardings
+    from maxtrain.step import TrainState, build_train_step, jit_train_step, state_shardings, xla_options
 
     # The same pieces build_experiment wires, minus materialising the state.
     mesh = build_mesh(cfg.mesh, devices)
@@ -73,7 +73,8 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool
     model_cfg = ex.finetuned_model_config(cfg)
     param_dtype = jnp.bfloat16 if cfg.train.param_dtype == "bfloat16" else jnp.float32
     model = Transformer(
-        model_cfg, dtype=dtype, param_dtype=param_dtype, remat=cfg.train.remat, unroll_layers=cfg.train.unroll_layers
+        model_cfg, dtype=dtype, param_dtype=param_dtype, remat=cfg.train.remat, unroll_layers=cfg.train.unroll_layers,
+        attention_query_block=cfg.train.attention_query_block,
     )
     rules = cfg.mesh.rules
     apply_fn = ex.make_apply_fn(model, rules)
@@ -99,7 +100,8 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool
         batch = {k: jax.ShapeDtypeStruct((rows, seq), t, sharding=bsh) for k, t in fields.items()}
         step = build_train_step(objective, optimizer, schedule, microbatches=cfg.train.microbatches, mesh=mesh,
                                 trainable=is_trainable)  # fmt: skip
-        compiled = jit_train_step(step, shardings, bsh).lower(state, batch).compile() if compile else None
+        options = xla_options(mesh, cfg.train.xla_options)
+        compiled = jit_train_step(step, shardings, bsh, options).lower(state, batch).compile() if compile else None
 
     memory = compiled.memory_analysis() if compiled is not None else None
     cost = compiled.cost_analysis() if compiled is not None else None

@@ -135,3 +135,17 @@ def test_chunked_loss_equals_full_loss_and_holds_fewer_logits():
         np.testing.assert_allclose(a, r, atol=2e-5)
     logits_bytes = 4 * 96 * 8192 * 4  # one f32 [B, S, V] tensor
     assert runs[0][2] - runs[40][2] > 0.75 * logits_bytes, (runs[40][2], runs[0][2], logits_bytes)  # measured: 0.99
+
+
+def test_cpu_compiler_defaults_train_like_xla_defaults():
+    """The measured CPU option set (matmuls off YNNPACK) is on by default, can be turned off, and trains identically."""
+    from maxtrain.step import xla_options
+
+    same = [random_batch(8, 32, 256, seed=0, docs_per_row=2)] * 5
+    tuned, tuned_losses = _run([], 5, same)
+    plain, plain_losses = _run(["train.xla_options={}"], 5, same)
+    assert xla_options(tuned.mesh) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert xla_options(plain.mesh, {}) is None
+    assert xla_options(plain.mesh, {"xla_cpu_enable_fast_math": False}) == {"xla_cpu_enable_fast_math": False}
+    assert tuned_losses[-1] < tuned_losses[0] - 0.5
+    np.testing.assert_allclose(tuned_losses, plain_losses, rtol=1e-5)
