@@ -131,6 +131,7 @@ class CheckpointConfig(BaseModel):
     starts over and moves the old checkpoints and metrics aside).
     restore_data: restore the data position too (false restarts the data stream, e.g. after
     changing the number of processes).
+    preemption_sync_every: how often multi-process runs agree on a stop signal (see below).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # `async` or `async_save`
@@ -140,6 +141,10 @@ class CheckpointConfig(BaseModel):
     async_save: bool = Field(True, alias="async")
     resume: bool = True
     restore_data: bool = True
+    # Multi-process runs agree on a stop signal (SIGTERM/SIGINT on any process) every N steps:
+    # each check is a host sync that stalls the dispatch pipeline, so not every step. A signal
+    # is honoured within N steps. Single-process runs check every step (no sync needed).
+    preemption_sync_every: int = Field(10, gt=0)
 
 
 class DistributedConfig(BaseModel):

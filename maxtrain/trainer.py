@@ -223,7 +223,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             pending = (step, metrics)
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
                 run_eval(step)
-            preempted = step != cfg.steps and watcher.should_stop()
+            preempted = step != cfg.steps and watcher.should_stop(step, cfg.checkpoint.preemption_sync_every)
             if step != cfg.steps and (preempted or ckpt.should_save(step)):
                 flush_for_checkpoint(pending)
                 pending = None
@@ -231,7 +231,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             if preempted:
                 ckpt.wait()
                 log.warning("stopped by %s after step %d; checkpoint %s written; rerun the same command to resume",
-                            watcher.signal_name, step, ckpt.directory / str(step))
+                            watcher.signal_name or "a signal to another process", step, ckpt.directory / str(step))
                 summary.update(preempted=True, checkpoint_step=step)
                 break
         if pending is not None:

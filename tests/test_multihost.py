@@ -247,5 +247,51 @@ def test_local_launcher_trains_with_two_processes(tmp_path, corpus):
     assert not any(line.startswith("[1]") and "step 1/3" in line for line in proc.stderr.splitlines())
 
 
+def _pid_of_worker(port: int, process_id: int) -> int | None:
+    """The pid of the maxtrain process with this coordinator port and process id (from /proc)."""
+    want = {f"MAXTRAIN_COORDINATOR=127.0.0.1:{port}".encode(), f"MAXTRAIN_PROCESS_ID={process_id}".encode()}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and want <= set((entry / "environ").read_bytes().split(b"\0")):
+                if b"maxtrain.cli" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+        except OSError:  # the process ended, or is not ours
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_at_the_same_sync_step(tmp_path, corpus):
+    """SIGTERM to process 1 only: both processes checkpoint the same step (a multiple of the sync period) and exit 75."""
+    run_dir, every = tmp_path / "run", 4
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MAXTRAIN_PYTHON=sys.executable, MAXTRAIN_LOCAL_DEVICES="4", MAXTRAIN_PORT=str(port),
+               XLA_FLAGS="--xla_backend_optimization_level=0")  # fmt: skip
+    args = [*_train_args(corpus, run_dir, 10_000), f"checkpoint.preemption_sync_every={every}"]
+    proc = subprocess.Popen(["bash", str(REPO / "launch/local.sh"), "2", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline, logged = time.monotonic() + 240, 0
+        while logged < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if (run_dir / "metrics.jsonl").exists():
+                logged = (run_dir / "metrics.jsonl").read_text().count('"loss"')
+        worker = _pid_of_worker(port, 1)
+        assert logged >= 3 and worker is not None, (logged, worker)
+        os.kill(worker, signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-4000:]  # EXIT_PREEMPTED from both processes
+    saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] % every == 0 and saved[0] < 10_000, saved
+    assert f"stopped by a signal to another process after step {saved[0]}" in err  # process 0's log
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == saved[0]
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(sys.argv[2])

@@ -47,12 +47,18 @@ class PreemptionWatcher:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def should_stop(self) -> bool:
-        """True when any process got a signal (all processes then stop at the same step)."""
+    def should_stop(self, step: int, sync_every: int = 1) -> bool:
+        """True when any process got a signal (all processes then stop at the same step).
+
+        Several processes agree only at steps divisible by `sync_every`: the agreement is a
+        host-blocking collective, so checking every step would stall every step's dispatch.
+        """
         import jax
 
         if jax.process_count() == 1:
             return self.requested
+        if step % sync_every:
+            return False
         import numpy as np
         from jax.experimental import multihost_utils
 
