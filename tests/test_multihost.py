@@ -263,10 +263,7 @@ def _pid_of_worker(port: int, process_id: int) -> int | None:
 @pytest.mark.slow
 def test_a_signal_to_one_process_stops_every_process_at_the_same_sync_step(tmp_path, corpus):
     """SIGTERM to process 1 only: both processes checkpoint the same step (a multiple of the sync period) and exit 75."""
-    run_dir, every = tmp_path / "run", 4
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    run_dir, every, port = tmp_path / "run", 4, _free_port()
     env = dict(os.environ, MAXTRAIN_PYTHON=sys.executable, MAXTRAIN_LOCAL_DEVICES="4", MAXTRAIN_PORT=str(port),
                XLA_FLAGS="--xla_backend_optimization_level=0")  # fmt: skip
     args = [*_train_args(corpus, run_dir, 10_000), f"checkpoint.preemption_sync_every={every}"]
