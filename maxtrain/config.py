@@ -90,9 +90,14 @@ class TrainConfig(BaseModel):
     # can see, skipping the masked upper triangle (exact; 0 disables). ~3x faster attention
     # on CPU at sequence 256 (benchmarks/train_throughput.py).
     attention_query_block: int = Field(128, ge=0)
-    # The LM loss over chunks of this many positions, each chunk's logits recomputed in the
-    # backward pass, so the [batch, seq, vocab] f32 logits never exist at once (Llama 3's
-    # 128k vocabulary at 8 x 2048 tokens is 8.4 GB of them). 0: the whole sequence at once.
+    # The attention kernel. xla: the blocked attention above (CPU, any dtype); cudnn: cuDNN's
+    # fused flash attention via jax.nn.dot_product_attention (GPU, bf16/f16 compute; never
+    # writes the [B, N, S, S] scores). auto: cudnn where it applies, else xla.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # The LM loss over chunks of this many positions, its gradient taken chunk by chunk in the
+    # forward pass (objectives.chunked_lm_loss), so the [batch, seq, vocab] f32 logits never
+    # exist at once (Llama 3's 128k vocabulary at 8 x 2048 tokens is 8.4 GB of them) and
+    # nothing is recomputed. 0: the whole sequence at once.
     loss_chunk: int = Field(0, ge=0)
     z_loss: float = Field(0.0, ge=0)
     # XLA compiler options for the step (e.g. {xla_cpu_enable_fast_math: true}). None: our

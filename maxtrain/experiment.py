@@ -28,11 +28,39 @@ from maxtrain.step import TrainState, build_eval_step, build_train_step, init_tr
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def compute_dtype(name: str) -> Any:
+def compute_dtype(name: str, platform: str | None = None) -> Any:
     """`auto` is bf16 on accelerators (f32 master weights stay in the params) and f32 on CPU."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
     return _DTYPES[name]
+
+
+def attention_kernel(name: str, platform: str, dtype: Any) -> str:
+    """The kernel for `train.attention` on `platform` at compute `dtype` (auto: cudnn where it applies)."""
+    fits = platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if name == "auto":
+        return "cudnn" if fits else "xla"
+    if name == "cudnn" and not fits:
+        raise UserError(
+            f"train.attention=cudnn needs a GPU and bf16 compute (this run: {platform}, {jnp.dtype(dtype).name}); "
+            "use train.attention=auto or xla"
+        )
+    return name
+
+
+def build_model(cfg: RunConfig, platform: str | None = None) -> Transformer:
+    """The run's Transformer as it compiles on `platform` (default: this process's backend).
+
+    `platform` lets `maxtrain plan` build the GPU/TPU program from a CPU host:
+    compute_dtype=auto means bf16 there.
+    """
+    platform = platform or jax.default_backend()
+    dtype = compute_dtype(cfg.train.compute_dtype, platform)
+    return Transformer(
+        finetuned_model_config(cfg), dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat,
+        unroll_layers=cfg.train.unroll_layers, attention_query_block=cfg.train.attention_query_block,
+        attention_kernel=attention_kernel(cfg.train.attention, platform, dtype),
+    )  # fmt: skip
 
 
 def check_batch_geometry(cfg: RunConfig, mesh: Mesh) -> None:
@@ -116,11 +144,7 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
     """Build the mesh, sharded state and jitted steps for `cfg`."""
     mesh = build_mesh(cfg.mesh, devices)
     check_batch_geometry(cfg, mesh)
-    dtype = compute_dtype(cfg.train.compute_dtype)
-    model = Transformer(
-        finetuned_model_config(cfg), dtype=dtype, param_dtype=_DTYPES[cfg.train.param_dtype], remat=cfg.train.remat,
-        unroll_layers=cfg.train.unroll_layers, attention_query_block=cfg.train.attention_query_block,
-    )
+    model = build_model(cfg)
     rules = cfg.mesh.rules
     apply_fn = make_apply_fn(model, rules)
     objective = build_objective(cfg, apply_fn)

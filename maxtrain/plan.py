@@ -61,21 +61,18 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool
 
     from maxtrain import experiment as ex
     from maxtrain.mesh import batch_sharding, build_mesh
-    from maxtrain.model.transformer import Transformer
     from maxtrain.optim import build_optimizer
     from maxtrain.step import TrainState, build_train_step, jit_train_step, state_shardings, xla_options
 
     # The same pieces build_experiment wires, minus materialising the state.
     mesh = build_mesh(cfg.mesh, devices)
     ex.check_batch_geometry(cfg, mesh)
-    auto = cfg.train.compute_dtype == "auto"
-    dtype = jnp.bfloat16 if auto and target in ("gpu", "tpu") else ex.compute_dtype(cfg.train.compute_dtype)
-    model_cfg = ex.finetuned_model_config(cfg)
-    param_dtype = jnp.bfloat16 if cfg.train.param_dtype == "bfloat16" else jnp.float32
-    model = Transformer(
-        model_cfg, dtype=dtype, param_dtype=param_dtype, remat=cfg.train.remat, unroll_layers=cfg.train.unroll_layers,
-        attention_query_block=cfg.train.attention_query_block,
-    )
+    if jax.default_backend() != "gpu":
+        # cuDNN kernels compile only on a GPU: plan the XLA attention, whose [B, N, S, S]
+        # scores make the temporaries an upper bound for a GPU run.
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"attention": "xla"})})
+    model = ex.build_model(cfg, target)
+    dtype = model.dtype
     rules = cfg.mesh.rules
     apply_fn = ex.make_apply_fn(model, rules)
     objective = ex.build_objective(cfg, apply_fn)
@@ -115,6 +112,7 @@ def plan_run(cfg: RunConfig, *, target: str = "gpu", devices=None, compile: bool
         "mesh": dict(mesh.shape),
         "target": target,
         "compute_dtype": jnp.dtype(dtype).name,
+        "attention": model.attention_kernel,
         "params_bytes": _global_bytes(state.params),
         "param_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
         "params_bytes_per_device": params_b,

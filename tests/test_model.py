@@ -1,5 +1,7 @@
 """Model family: real preset shapes, packed-document isolation, causality, windows, the encoder seam."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -154,6 +156,50 @@ def test_query_blocked_attention_equals_one_block(window):
         np.testing.assert_allclose(out, ref, atol=1e-5)
         for a, r in zip(g, g_ref):
             np.testing.assert_allclose(a, r, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_fused_attention_equals_ours_on_whole_rows_and_packed_rows(window):
+    """The jax.nn path (cuDNN's on GPU; its XLA twin here) gives our attention's outputs and gradients.
+
+    Whole rows take the bias-free branch, packed rows (documents, padding) the masked one;
+    the bias-free kernel alone would be wrong on packed rows, so both branches are exercised.
+    """
+    from maxtrain.model.attention import attention_mask, dot_product_attention, fused_attention
+
+    rng = np.random.default_rng(1)
+    b, s, n, k, h = 2, 48, 4, 2, 8
+    q, kk, v = (jnp.asarray(rng.standard_normal((b, s, heads, h)), jnp.float32) for heads in (n, k, k))
+    whole = jnp.ones((b, s), jnp.int32)
+    packed = jnp.asarray([[1] * 30 + [2] * 14 + [0] * 4, [1] * 48])  # documents and padding in row 0
+    for seg in (whole, packed):
+        mask = attention_mask(seg, causal=True, sliding_window=window)
+
+        def loss(q, kk, v, attend):
+            out = attend(q, kk, v, mask, causal=True, sliding_window=window)
+            return jnp.sum(jnp.sin(out)), out
+
+        (_, ref), g_ref = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, kk, v, dot_product_attention)
+        fused = functools.partial(fused_attention, implementation="xla")
+        (_, out), g = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)(q, kk, v, fused)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        for got, want in zip(g, g_ref):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    window_kw = dict(local_window_size=(window - 1, 0)) if window else {}
+    causal_only = jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation="xla", **window_kw)
+    assert float(jnp.abs(causal_only - ref).max()) > 0.1  # packed rows need the mask branch
+
+
+def test_attention_kernel_is_cudnn_only_where_it_runs():
+    from maxtrain.errors import UserError
+    from maxtrain.experiment import attention_kernel
+
+    assert attention_kernel("auto", "gpu", jnp.bfloat16) == "cudnn"
+    assert attention_kernel("auto", "gpu", jnp.float32) == "xla"  # cuDNN flash attention is bf16/f16 only
+    assert attention_kernel("auto", "cpu", jnp.bfloat16) == "xla"
+    assert attention_kernel("xla", "gpu", jnp.bfloat16) == "xla"
+    with pytest.raises(UserError, match="train.attention=cudnn needs a GPU"):
+        attention_kernel("cudnn", "cpu", jnp.float32)
 
 
 def test_silu_gate_backward_equals_autodiff():

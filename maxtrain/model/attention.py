@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -69,6 +70,33 @@ def dot_product_attention(
     return out_BxKxGxSxH.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
 
 
+def fused_attention(
+    q_BxSxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, mask_BxSxT: jax.Array, *,
+    causal: bool, sliding_window: int | None = None, implementation: str = "cudnn",
+) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+
+    A fused kernel never writes the [B, N, S, T] scores. Causal and window masks are built
+    into the kernel, so it skips masked tiles; a segment mask (packed documents, padding)
+    can only go in as an additive bias the kernel reads for every tile. So the batch picks
+    one of two compiled branches at run time: rows that are each one unbroken segment run
+    the bias-free kernel, batches with document boundaries or padding run it with the mask.
+    """
+    window = dict(local_window_size=(sliding_window - 1, 0)) if sliding_window else {}
+    attend = functools.partial(
+        jax.nn.dot_product_attention, is_causal=causal, implementation=implementation, **window
+    )
+    plain = lambda q, k, v, mask: attend(q, k, v)  # noqa: E731
+    masked = lambda q, k, v, mask: attend(q, k, v, mask=mask[:, None])  # noqa: E731
+    if not causal:  # a bidirectional row is unbroken only when the mask is all True
+        unbroken = jnp.all(mask_BxSxT)
+    else:  # causal: the mask must equal the kernel's own (lower triangle, within the window)
+        s, t = mask_BxSxT.shape[1:]
+        kernel_mask_SxT = attention_mask(jnp.ones((1, s), jnp.int32), causal=True, sliding_window=sliding_window)[0]
+        unbroken = jnp.all(mask_BxSxT == kernel_mask_SxT[None]) if s == t else jnp.array(False)
+    return jax.lax.cond(unbroken, plain, masked, q_BxSxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxSxT)
+
+
 class Attention(nn.Module):
     """Self-attention: q/k/v projections (optional bias, qk-norm), RoPE, GQA, output projection."""
 
@@ -77,6 +105,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # generation: keys/values also go to (and attention reads) the "cache" collection
     query_block: int = 0  # causal attention in query blocks of this size (see dot_product_attention); 0: one block
+    kernel: str = "xla"  # xla: dot_product_attention; cudnn: fused_attention (GPU, bf16/f16)
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array, rope=None) -> jax.Array:
@@ -97,10 +126,16 @@ class Attention(nn.Module):
         if self.decode:
             k_BxSxKxH, v_BxSxKxH, mask_BxSxT = self._attend_to_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS)
         q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("activation_batch", "activation_length", "activation_heads", None))
-        out_BxSxNxH = dot_product_attention(
-            q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT,
-            causal=cfg.causal and not self.decode, sliding_window=cfg.sliding_window, query_block=self.query_block,
-        )  # fmt: skip
+        if self.kernel == "xla" or self.decode:
+            out_BxSxNxH = dot_product_attention(
+                q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT,
+                causal=cfg.causal and not self.decode, sliding_window=cfg.sliding_window, query_block=self.query_block,
+            )  # fmt: skip
+        else:
+            out_BxSxNxH = fused_attention(
+                q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT,
+                causal=cfg.causal, sliding_window=cfg.sliding_window, implementation=self.kernel,
+            )  # fmt: skip
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual-projection scaling
         return Linear(
             (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, cfg.lora, name="o"

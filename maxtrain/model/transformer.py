@@ -31,6 +31,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     decode: bool = False  # KV-cache generation (see Attention.decode)
     query_block: int = 0  # causal attention in query blocks (see attention.dot_product_attention)
+    attention_kernel: str = "xla"  # see Attention.kernel
 
     @nn.compact
     def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT, rope=None):
@@ -38,7 +39,9 @@ class Block(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="norm", **kw)
         h = Norm(name="attn_norm", **norm)(x_BxSxD)
-        attn = Attention(cfg, name="attn", decode=self.decode, query_block=self.query_block, **kw)
+        attn = Attention(
+            cfg, name="attn", decode=self.decode, query_block=self.query_block, kernel=self.attention_kernel, **kw
+        )
         x_BxSxD = x_BxSxD + attn(h, positions_BxS, mask_BxSxT, rope)
         h = Norm(name="mlp_norm", **norm)(x_BxSxD)
         x_BxSxD = x_BxSxD + Mlp(cfg, name="mlp", **kw)(h)
@@ -58,6 +61,7 @@ class Transformer(nn.Module):
     remat: RematPolicy = "none"
     unroll_layers: bool = False  # unroll the scan in HLO; the params keep their stacked layout
     attention_query_block: int = 0  # causal attention in query blocks of this many tokens; 0: one block
+    attention_kernel: str = "xla"  # xla, or cudnn: fused flash attention on GPU (attention.fused_attention)
     # Generation: positions index a per-layer KV cache in the "cache" collection, passed and
     # returned with apply(..., mutable=["cache"]); see maxtrain/generate.py.
     decode: bool = False
@@ -86,7 +90,7 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.param_dtype, self.decode, self.attention_query_block, name="layers")
+        )(cfg, self.dtype, self.param_dtype, self.decode, self.attention_query_block, self.attention_kernel, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
         if cfg.classifier is not None:
             self.classifier = ClassifierHead(cfg.classifier, self.dtype, self.param_dtype)
