@@ -1,6 +1,7 @@
 """The one jitted step: sharding rules, mesh equivalence, accumulation, compile-once, FSDP memory."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,13 +116,42 @@ def test_z_loss_adds_its_term():
     np.testing.assert_allclose(with_z[0] - plain[0], 1e-2 * np.log(256) ** 2, rtol=0.05)
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_loss_gradients_equal_autodiff_of_the_full_loss(frozen_head):
+    """The gradients taken chunk by chunk in the forward pass equal autodiff's (z-loss, weights, a short chunk)."""
+    from maxtrain.objectives import chunked_lm_loss, token_cross_entropy
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    b, s, d, v, z = 2, 23, 16, 50, 1e-2
+    head = {"w": jax.random.normal(k[0], (v, d)), "bias": jax.random.normal(k[1], (v,))}
+    hidden = jax.random.normal(k[2], (b, s, d))
+    targets = jax.random.randint(k[3], (b, s), 0, v)
+    weights = (jnp.arange(s) % 3 > 0).astype(jnp.float32)[None].repeat(b, 0)
+    logits_of = lambda p, h: h @ p["w"].T + p["bias"]  # noqa: E731
+
+    def full(p, h):
+        nll, lse, _ = token_cross_entropy(logits_of(p, h), targets)
+        return jnp.sum(nll * weights) + z * jnp.sum(lse**2 * weights)
+
+    def chunked(p, h):
+        return 3.0 * chunked_lm_loss(logits_of, p, h, targets, weights, chunk=5, z_loss=z)[0]  # 3x: a cotangent != 1
+
+    argnums = (1,) if frozen_head else (0, 1)
+    want = jax.grad(lambda p, h: 3.0 * full(p, h), argnums)(head, hidden)
+    got = jax.jit(jax.grad(chunked, argnums))(head, hidden)
+    np.testing.assert_allclose(chunked(head, hidden), 3.0 * full(head, hidden), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(want[-1]).max()) > 0.1
+
+
 def test_chunked_loss_equals_full_loss_and_holds_fewer_logits():
     """loss_chunk gives the same losses and params (a short last chunk included) with less temp memory."""
     base = ["model=tiny-llama", "model.vocab_size=8192", "train.seq_len=96", "train.global_batch=4", "steps=10",
-            "mesh.data=1", "mesh.fsdp=1", "train.compute_dtype=float32"]  # fmt: skip
+            "mesh.data=1", "mesh.fsdp=1", "train.compute_dtype=float32", "model.tie_embeddings=true", "train.z_loss=1e-3"]  # fmt: skip
     batch = random_batch(4, 96, 8192, seed=3, docs_per_row=2)
     runs = {}
-    for chunk in (0, 40):  # 96 = 40 + 40 + 16
+    for chunk in (0, 20):  # 96 = 4 x 20 + 16
         exp = build_experiment(load_config(None, base + [f"train.loss_chunk={chunk}"]), devices=jax.devices()[:1])
         b = jax.device_put(batch, exp.batch_sharding)
         compiled = exp.train_step.lower(exp.state, b).compile()
@@ -130,11 +160,11 @@ def test_chunked_loss_equals_full_loss_and_holds_fewer_logits():
             state, m = compiled(state, b)
             losses.append(float(m["loss"]))
         runs[chunk] = (losses, state.params, compiled.memory_analysis().temp_size_in_bytes)
-    np.testing.assert_allclose(runs[40][0], runs[0][0], rtol=1e-5)
-    for a, r in zip(jax.tree.leaves(runs[40][1]), jax.tree.leaves(runs[0][1])):
+    np.testing.assert_allclose(runs[20][0], runs[0][0], rtol=1e-5)
+    for a, r in zip(jax.tree.leaves(runs[20][1]), jax.tree.leaves(runs[0][1])):
         np.testing.assert_allclose(a, r, atol=2e-5)
     logits_bytes = 4 * 96 * 8192 * 4  # one f32 [B, S, V] tensor
-    assert runs[0][2] - runs[40][2] > 0.75 * logits_bytes, (runs[40][2], runs[0][2], logits_bytes)  # measured: 0.99
+    assert runs[0][2] - runs[20][2] > 0.75 * logits_bytes, (runs[20][2], runs[0][2], logits_bytes)  # measured: 1.36
 
 
 def test_cpu_compiler_defaults_train_like_xla_defaults():
