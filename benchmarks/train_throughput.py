@@ -2,7 +2,10 @@
 
     python benchmarks/train_throughput.py                       # the demo shape (d256 L4 V4096 S256 B8, f32)
     python benchmarks/train_throughput.py --compare-hf          # + transformers LlamaForCausalLM / torch AdamW
-    python benchmarks/train_throughput.py --preset llama3.2-1b --seq-len 2048 --batch 8 --dtype bfloat16
+    python benchmarks/train_throughput.py --preset llama3.2-1b --seq-len 2048 --batch 8 --dtype bfloat16 train.loss_chunk=512
+
+On a GPU with --compare-hf, give each framework part of the memory:
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 (JAX otherwise takes 75% at start).
 
 Prints one JSON line. With --compare-hf both stacks run the identical shape in the same
 process, alternating step by step (the default rounds of one step), so drifts in machine
@@ -33,9 +36,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     p.add_argument("--steps", type=int, default=1, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=30, help="rounds; with --compare-hf each round times both stacks")
+    p.add_argument("--docs-per-row", type=int, default=1,
+                   help="documents packed per row (segment ids): >1 times the masked attention of packed data")
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides, e.g. model.num_layers=2")
-    return p.parse_args()
+    return p.parse_intermixed_args()  # overrides may come before or after the options
 
 
 def _maxtrain_runner(args):
@@ -54,11 +59,14 @@ def _maxtrain_runner(args):
     exp = build_experiment(cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
+    doc_len = -(-args.seq_len // args.docs_per_row)
+    segment_ids = (np.arange(args.seq_len, dtype=np.int32) // doc_len) + 1
+    positions = np.arange(args.seq_len, dtype=np.int32) % doc_len
     local = {
         "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
         "loss_weights": np.ones((args.batch, args.seq_len), np.float32),
-        "segment_ids": np.ones((args.batch, args.seq_len), np.int32),
-        "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), (args.batch, args.seq_len)).copy(),
+        "segment_ids": np.broadcast_to(segment_ids, (args.batch, args.seq_len)).copy(),
+        "positions": np.broadcast_to(positions, (args.batch, args.seq_len)).copy(),
     }  # fmt: skip
     batch = jax.device_put(local, exp.batch_sharding)
     t0 = time.perf_counter()
@@ -77,7 +85,7 @@ def _maxtrain_runner(args):
     run(2)  # warm-up
     from maxtrain.step import xla_options
 
-    return cfg, run, compile_s, memory, xla_options(exp.mesh, cfg.train.xla_options)
+    return cfg, run, compile_s, memory, xla_options(exp.mesh, cfg.train.xla_options), exp.model.attention_kernel
 
 
 def _hf_runner(cfg, args):
@@ -91,13 +99,19 @@ def _hf_runner(cfg, args):
         max_position_embeddings=max(args.seq_len, 128), rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
         attn_implementation="sdpa",
     )  # fmt: skip
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = LlamaForCausalLM(hf_cfg).to(dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    tokens = torch.randint(0, m.vocab_size, (args.batch, args.seq_len))
+    gpu = jax.devices()[0].platform == "gpu"
+    device = torch.device("cuda" if gpu else "cpu")
+    bf16 = args.dtype == "bfloat16"
+    # On GPU both stacks train the same way: f32 master weights, bf16 autocast compute, fused
+    # AdamW (HF Trainer's bf16=True with adamw_torch_fused). On CPU the model runs in the dtype.
+    model = LlamaForCausalLM(hf_cfg).to(device, torch.float32 if gpu or not bf16 else torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=gpu)
+    tokens = torch.randint(0, m.vocab_size, (args.batch, args.seq_len), device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=gpu and bf16)
 
     def one_step():
-        loss = model(input_ids=tokens, labels=tokens).loss
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -107,6 +121,8 @@ def _hf_runner(cfg, args):
         t = time.perf_counter()
         for _ in range(n):
             one_step()
+        if gpu:
+            torch.cuda.synchronize()
         return (time.perf_counter() - t) / n
 
     run(2)
@@ -117,7 +133,7 @@ def main() -> int:
     args = _parse()
     from maxtrain.metrics import peak_flops_total
 
-    cfg, run_maxtrain, compile_s, memory, options = _maxtrain_runner(args)
+    cfg, run_maxtrain, compile_s, memory, options, attention = _maxtrain_runner(args)
     run_hf = _hf_runner(cfg, args) if args.compare_hf else None
     ours, theirs = [], []
     for _ in range(args.rounds):
@@ -129,6 +145,7 @@ def main() -> int:
     peak = peak_flops_total(None)
     result = {
         "preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": args.dtype,
+        "docs_per_row": args.docs_per_row, "remat": args.remat, "overrides": args.overrides,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "tokens_per_s_per_device": round(tokens / step_s / jax.device_count(), 1),
@@ -140,6 +157,8 @@ def main() -> int:
     if jax.devices()[0].platform == "gpu":
         stats = jax.devices()[0].memory_stats() or {}
         result["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
+        result["device_kind"] = jax.devices()[0].device_kind
+    result["attention"] = attention
     if theirs:
         hf_step = statistics.median(theirs)
         result.update(hf_step_s=round(hf_step, 4), hf_tokens_per_s=round(tokens / hf_step, 1), ratio=round(hf_step / step_s, 3))
