@@ -207,9 +207,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         last_time, last_step = None, start
         for step in range(start + 1, cfg.steps + 1):
             batch = make_global_batch(next(train_batches), exp.batch_sharding)
+            t0 = time.perf_counter()  # jit traces and compiles inside the first call
             exp.state, metrics = exp.train_step(exp.state, batch)
             if last_time is None:  # the first step includes compilation: time it apart
-                t0 = time.perf_counter()
                 jax.block_until_ready(metrics)
                 summary["compile_s"] = time.perf_counter() - t0
                 last_time, last_step = time.perf_counter(), step

@@ -75,6 +75,8 @@ def test_short_demo_run_learns_and_writes_its_run_dir(tmp_path):
     assert (run_dir / "config.yaml").read_text().startswith("model:")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-6)
+    step_s = 8 * 128 / summary["tokens_per_s"]
+    assert summary["compile_s"] > 10 * step_s, (summary["compile_s"], step_s)  # the first call's trace + compile
 
 
 @pytest.mark.parametrize(
