@@ -32,6 +32,11 @@ def token_cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array) -> tupl
     return lse_BxS - target_logit_BxS, lse_BxS, correct_BxS
 
 
+def weighted_sums(nll: jax.Array, lse: jax.Array, correct: jax.Array, w: jax.Array) -> dict[str, jax.Array]:
+    """Loss-weighted sums of token_cross_entropy's outputs: nll, lse^2 (the z-loss term), correct."""
+    return {"nll": jnp.sum(nll * w), "z": jnp.sum(jnp.square(lse) * w), "correct": jnp.sum(correct * w)}
+
+
 def chunked_lm_loss(
     logits_of: Callable[[Any, jax.Array], jax.Array], head_params: Any, hidden_BxSxD: jax.Array,
     targets_BxS: jax.Array, weights_BxS: jax.Array, *, chunk: int, z_loss: float = 0.0,
@@ -55,16 +60,12 @@ def chunked_lm_loss(
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-    def sums(nll_BxC, lse_BxC, correct_BxC, w_BxC):
-        return {"nll": jnp.sum(nll_BxC * w_BxC), "z": jnp.sum(jnp.square(lse_BxC) * w_BxC),
-                "correct": jnp.sum(correct_BxC * w_BxC)}  # fmt: skip
-
     zeros = {k: jnp.zeros((), jnp.float32) for k in ("nll", "z", "correct")}
 
     def forward(head_params, hidden, targets, weights):
         def body(acc, x):
             h_BxCxD, t_BxC, w_BxC = x
-            return jax.tree.map(jnp.add, acc, sums(*token_cross_entropy(logits_of(head_params, h_BxCxD), t_BxC), w_BxC)), None
+            return jax.tree.map(jnp.add, acc, weighted_sums(*token_cross_entropy(logits_of(head_params, h_BxCxD), t_BxC), w_BxC)), None
 
         out, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets), chunks(weights)))
         return out["nll"] + z_loss * out["z"], out
@@ -92,7 +93,7 @@ def chunked_lm_loss(
             onehot_BxCxV = jax.nn.one_hot(t_BxC, logits_BxCxV.shape[-1], dtype=jnp.float32)
             dlogits = probs_BxCxV * scale_BxC[..., None] - onehot_BxCxV * w_BxC[..., None]
             dtrained, dh_BxCxD = pullback(dlogits.astype(logits_BxCxV.dtype))
-            return (jax.tree.map(jnp.add, acc, sums(nll, lse, correct, w_BxC)), jax.tree.map(jnp.add, g_trained, dtrained)), dh_BxCxD
+            return (jax.tree.map(jnp.add, acc, weighted_sums(nll, lse, correct, w_BxC)), jax.tree.map(jnp.add, g_trained, dtrained)), dh_BxCxD
 
         init = (zeros, [jnp.zeros_like(x) for x, w in zip(head_leaves, wants) if w])
         (out, g_trained), dh_NxBxCxD = jax.lax.scan(body, init, (chunks(hidden), chunks(targets), chunks(weights)))
@@ -130,15 +131,13 @@ def causal_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0, loss_chunk: i
             # The head sees every top-level parameter but the layer stack (tied embedding or lm_head).
             head = {k: v for k, v in params.items() if k != "layers"}
             logits_of = lambda head, h: apply_fn(head, h, method="logits")  # noqa: E731
-            loss_sum, s = chunked_lm_loss(logits_of, head, hidden_BxSxD, batch["targets"], w_BxS, chunk=loss_chunk, z_loss=z_loss)
-            nll_sum, z_sum, correct_sum = s["nll"], s["z"], s["correct"]
+            loss_sum, sums = chunked_lm_loss(logits_of, head, hidden_BxSxD, batch["targets"], w_BxS, chunk=loss_chunk, z_loss=z_loss)
         else:
-            nll_BxS, lse_BxS, correct_BxS = token_cross_entropy(apply_fn(*inputs), batch["targets"])
-            nll_sum, z_sum, correct_sum = jnp.sum(nll_BxS * w_BxS), jnp.sum(jnp.square(lse_BxS) * w_BxS), jnp.sum(correct_BxS * w_BxS)
-            loss_sum = nll_sum + z_loss * z_sum
-        metrics = {"weight": jnp.sum(w_BxS), "nll": nll_sum, "correct": correct_sum}
+            sums = weighted_sums(*token_cross_entropy(apply_fn(*inputs), batch["targets"]), w_BxS)
+            loss_sum = sums["nll"] + z_loss * sums["z"]
+        metrics = {"weight": jnp.sum(w_BxS), "nll": sums["nll"], "correct": sums["correct"]}
         if z_loss:
-            metrics["z_loss"] = z_loss * z_sum
+            metrics["z_loss"] = z_loss * sums["z"]
         return loss_sum, metrics
 
     return objective
