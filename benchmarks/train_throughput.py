@@ -12,11 +12,19 @@ process, alternating step by step (the default rounds of one step), so drifts in
 speed hit both alike; `ratio` is maxtrain tokens/s over transformers tokens/s (median step
 times). Coarser alternation (rounds of 5-10 steps) moved the ratio by +-0.05 run to run on
 a shared host; step-by-step alternation of two identical programs agrees within 0.1%.
+
+Like the `maxtrain` command, the benchmark first re-executes itself with glibc's huge-page
+tunable where that helps (maxtrain/hostmem.py); `host_hugepages` in the JSON says whether it
+did, and MAXTRAIN_HUGEPAGES=0 measures without. torch does not ask for huge pages by
+default, so on CPU its steps run with them switched off for the process (`ratio`: each stack
+as it comes), and a third series times torch with them too (`ratio_hf_hugepages`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import statistics
 import sys
@@ -25,6 +33,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+_PR_SET_THP_DISABLE = 41  # linux/prctl.h
 
 
 def _parse() -> argparse.Namespace:
@@ -129,17 +139,52 @@ def _hf_runner(cfg, args):
     return run
 
 
+def _steady(run, steps: int) -> float:
+    """run(steps) right after one untimed step of the same stack, as steps follow each other in training.
+
+    Timed straight after the other stack's step, a step paid for that stack's idle workers
+    (torch's OpenMP threads spin-wait before they sleep; XLA's pool spins too) and for its
+    caches: the stack timed second lost 5-10% on 2 cores. A pause between them was worse (a
+    vCPU that idled for 0.2 s ran the next step 10-15% slower).
+    """
+    run(1)
+    return run(steps)
+
+
+@contextlib.contextmanager
+def _no_hugepages(active: bool):
+    """Within: no transparent huge pages for this process (prctl PR_SET_THP_DISABLE), as if started without them."""
+    libc = ctypes.CDLL(None, use_errno=True) if active else None
+    if libc is not None and libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE) failed")
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.prctl(_PR_SET_THP_DISABLE, 0, 0, 0, 0)
+
+
 def main() -> int:
+    from maxtrain.hostmem import hugepages_on, reexec_with_hugepages
+
+    reexec_with_hugepages()  # as the maxtrain command does (torch runs without them below, as it comes)
     args = _parse()
     from maxtrain.metrics import peak_flops_total
 
     cfg, run_maxtrain, compile_s, memory, options, attention = _maxtrain_runner(args)
     run_hf = _hf_runner(cfg, args) if args.compare_hf else None
-    ours, theirs = [], []
+    # The maxtrain command runs with huge-page mallocs (maxtrain/hostmem.py); torch, as users
+    # start it, does not. So where this process has them, torch's steps run with the kernel's
+    # transparent huge pages switched off, and a third series times torch with them too.
+    split = run_hf is not None and hugepages_on() and jax.devices()[0].platform == "cpu"
+    ours, theirs, theirs_hugepages = [], [], []
     for _ in range(args.rounds):
-        ours.append(run_maxtrain(args.steps))
+        ours.append(_steady(run_maxtrain, args.steps) if run_hf else run_maxtrain(args.steps))
         if run_hf is not None:
-            theirs.append(run_hf(args.steps))
+            with _no_hugepages(split):
+                theirs.append(_steady(run_hf, args.steps))
+            if split:
+                theirs_hugepages.append(_steady(run_hf, args.steps))
     tokens = args.batch * args.seq_len
     step_s = statistics.median(ours)
     peak = peak_flops_total(None)
@@ -152,7 +197,7 @@ def main() -> int:
         "mfu": round(tokens / step_s * cfg.model.flops_per_token(args.seq_len) / peak, 4),
         "compile_s": round(compile_s, 2), "peak_flops": peak,
         "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
-        "xla_options": options or {},
+        "xla_options": options or {}, "host_hugepages": hugepages_on(),
     }  # fmt: skip
     if jax.devices()[0].platform == "gpu":
         stats = jax.devices()[0].memory_stats() or {}
@@ -162,6 +207,9 @@ def main() -> int:
     if theirs:
         hf_step = statistics.median(theirs)
         result.update(hf_step_s=round(hf_step, 4), hf_tokens_per_s=round(tokens / hf_step, 1), ratio=round(hf_step / step_s, 3))
+    if theirs_hugepages:
+        hf_step = statistics.median(theirs_hugepages)
+        result.update(hf_hugepages_tokens_per_s=round(tokens / hf_step, 1), ratio_hf_hugepages=round(hf_step / step_s, 3))
     print(json.dumps(result))
     return 0
 

@@ -10,6 +10,7 @@ import traceback
 
 from maxtrain.distributed import describe_failure, is_multi_process, leave_now
 from maxtrain.errors import EXIT_USER_ERROR, UserError
+from maxtrain.hostmem import reexec_with_hugepages
 
 
 def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -87,7 +88,9 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `maxtrain` console script."""
+    """Entry point of the `maxtrain` console script (argv: given by a caller in-process, else sys.argv)."""
+    if argv is None:  # the command itself, not a caller in this process: may re-execute (same PID)
+        reexec_with_hugepages()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _setup_logging()
     parser = build_parser()
