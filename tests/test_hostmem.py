@@ -41,10 +41,11 @@ _CHILD = textwrap.dedent("""
     from maxtrain.hostmem import hugepages_on, reexec_with_hugepages
     reexec_with_hugepages()
     import jax, jax.numpy as jnp
-    def f(x):
-        a = jnp.exp(x); b = jnp.sin(x) @ a; c = jnp.cos(b) @ a
-        return (a * b + c).sum()
-    x = jnp.full((2048, 2048), 0.001, jnp.float32)
+    def f(x):  # its gradient keeps three [2048, 4096] f32 temporaries: one 100 MB block, ~0.1 s a call
+        a = x * x; b = x + 1.0
+        m = (a * b).sum(0, keepdims=True)
+        return ((a - m) * b + a * m).sum()
+    x = jnp.full((2048, 4096), 0.001, jnp.float32)
     compiled = jax.jit(jax.grad(f)).lower(x).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     compiled(x).block_until_ready()
