@@ -2,6 +2,7 @@
 
     python benchmarks/matmul_libraries.py                   # 5 alternations, f32, the demo shapes
     python benchmarks/matmul_libraries.py --rounds 9 xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT
+    python benchmarks/matmul_libraries.py --one-core        # each library on one core, one thread
 
 Times the forward product and both gradient products (dX = dY W^T, dW = X^T dY) of each
 projection shape the demo step runs ([batch*seq, in] x [in, out]) in f32. XLA compiles them
@@ -12,12 +13,17 @@ machine's speed drifts between rounds, so the medians over rounds are the result
 
 Prints one JSON line per product: GFLOP/s of each library (median over rounds) and the
 ratio xla / torch.
+
+--one-core pins each child to one CPU with one compute thread (XLA_FLAGS
+--xla_cpu_multi_thread_eigen=false; torch.set_num_threads(1)): each kernel's speed on a
+core, apart from how it splits one product over threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,9 +68,11 @@ def _xla(options: dict, repeats: int) -> dict:
     return out
 
 
-def _torch(repeats: int) -> dict:
+def _torch(repeats: int, one_core: bool) -> dict:
     import torch
 
+    if one_core:
+        torch.set_num_threads(1)
     out = {}
     for name, (t, i, o) in SHAPES.items():
         gen = torch.Generator().manual_seed(0)
@@ -75,10 +83,13 @@ def _torch(repeats: int) -> dict:
     return out
 
 
-def _child(library: str, options: dict, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", library, "--repeats", str(repeats)]
+def _child(library: str, options: dict, repeats: int, one_core: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", library, "--repeats", str(repeats)] + ["--one-core"] * one_core
     cmd += [f"{k}={json.dumps(v)}" for k, v in options.items()]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if one_core:  # a runtime flag: XLA reads it from the environment, not from compiler options
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -86,6 +97,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="alternations of one child process per library")
     p.add_argument("--repeats", type=int, default=30, help="timed calls of each product in a child")
+    p.add_argument("--one-core", action="store_true", help="each child on one CPU with one compute thread")
     p.add_argument("--child", choices=["xla", "torch"], help=argparse.SUPPRESS)
     p.add_argument("options", nargs="*", help="extra XLA compiler options, key=value (value as JSON or a string)")
     args = p.parse_args()
@@ -97,13 +109,15 @@ def main() -> int:
         except json.JSONDecodeError:
             options[key] = value
     if args.child:
-        seconds = _xla(options, args.repeats) if args.child == "xla" else _torch(args.repeats)
+        if args.one_core:
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        seconds = _xla(options, args.repeats) if args.child == "xla" else _torch(args.repeats, args.one_core)
         print(json.dumps(seconds))
         return 0
     runs = {"xla": [], "torch": []}
     for _ in range(args.rounds):
-        runs["xla"].append(_child("xla", options, args.repeats))
-        runs["torch"].append(_child("torch", {}, args.repeats))
+        runs["xla"].append(_child("xla", options, args.repeats, args.one_core))
+        runs["torch"].append(_child("torch", {}, args.repeats, args.one_core))
     for product in runs["xla"][0]:
         name = product.split(".")[0]
         t, i, o = SHAPES[name]
@@ -112,7 +126,7 @@ def main() -> int:
         print(json.dumps({
             "product": product, "shape": [t, i, o], "xla_gflops": round(rate["xla"], 1),
             "torch_gflops": round(rate["torch"], 1), "ratio": round(rate["xla"] / rate["torch"], 3),
-            "rounds": args.rounds, "extra_xla_options": options,
+            "rounds": args.rounds, "one_core": args.one_core, "extra_xla_options": options,
         }))  # fmt: skip
     return 0
 
