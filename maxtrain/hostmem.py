@@ -23,6 +23,7 @@ from pathlib import Path
 
 OPT_OUT = "MAXTRAIN_HUGEPAGES"  # "0": leave malloc alone
 TUNABLE = "glibc.malloc.hugetlb"
+_SETTING = f"{TUNABLE}=1"  # huge pages for the allocator's mmapped blocks
 _REEXECUTED = "_MAXTRAIN_REEXECUTED"  # set for the re-executed process: never a second exec
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _OWN_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # LD_PRELOADed allocators keep freed memory already
@@ -62,8 +63,7 @@ def hugepage_environ(environ: Mapping[str, str], thp: str | None, glibc: tuple[i
     tunables = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE in tunables:
         return None
-    setting = f"{TUNABLE}=1"
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{setting}" if tunables else setting, _REEXECUTED: "1"}
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{_SETTING}" if tunables else _SETTING, _REEXECUTED: "1"}
 
 
 def reexec_with_hugepages() -> None:
@@ -82,4 +82,4 @@ def reexec_with_hugepages() -> None:
 
 def hugepages_on(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process asked glibc for huge pages (for reports)."""
-    return TUNABLE + "=1" in environ.get("GLIBC_TUNABLES", "")
+    return _SETTING in environ.get("GLIBC_TUNABLES", "")
