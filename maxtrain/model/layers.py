@@ -183,7 +183,7 @@ def _silu_gate_bwd(saved, dh):
 
 silu_gate.defvjp(_silu_gate_fwd, _silu_gate_bwd)
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -204,7 +204,7 @@ class Mlp(nn.Module):
         dense = lambda name, i, o, ia, oa: Linear(  # noqa: E731
             (i,), (o,), (ia,), (oa,), cfg.mlp_bias, cfg.init_std, self.dtype, self.param_dtype, cfg.lora, name=name
         )
-        act = _ACTIVATIONS[cfg.activation]
+        act = ACTIVATIONS[cfg.activation]
         up_BxSxF = dense("up", cfg.d_model, cfg.ffn_dim, "embed", "mlp")(x_BxSxD)
         if cfg.mlp == "gated":
             gate_BxSxF = dense("gate", cfg.d_model, cfg.ffn_dim, "embed", "mlp")(x_BxSxD)

@@ -1,4 +1,10 @@
-"""The transformer stack: embeddings, pre-norm blocks scanned over layers, final norm, LM head."""
+"""The transformer stack: embeddings, pre- or post-norm blocks scanned over layers, final norm, LM head.
+
+Encoders (BERT, RoBERTa) are the same stack with switches: bidirectional attention,
+post-norm blocks, token-type embeddings and a norm on the embeddings; their heads (pooler,
+MLM head, classifier) live in heads.py and are reached through methods (`mlm_logits`,
+`pool`, `class_logits`) that objectives call with `apply(..., method=...)`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import jax.numpy as jnp
 
 from maxtrain.model.attention import Attention, attention_mask
 from maxtrain.model.config import ModelConfig
-from maxtrain.model.heads import ClassifierHead
+from maxtrain.model.heads import ClassifierHead, MlmHead, Pooler, pool_hidden
 from maxtrain.model.layers import Dtype, Linear, Mlp, Norm, rope_frequencies, rope_tables
 
 RematPolicy = Literal["none", "full", "dots"]
@@ -24,7 +30,7 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); post-norm (BERT): norm(x + attn(x)), norm(x + mlp(x))."""
 
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
@@ -38,10 +44,14 @@ class Block(nn.Module):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="norm", **kw)
-        h = Norm(name="attn_norm", **norm)(x_BxSxD)
         attn = Attention(
             cfg, name="attn", decode=self.decode, query_block=self.query_block, kernel=self.attention_kernel, **kw
         )
+        if cfg.norm_position == "post":
+            x_BxSxD = Norm(name="attn_norm", **norm)(x_BxSxD + attn(x_BxSxD, positions_BxS, mask_BxSxT, rope))
+            x_BxSxD = Norm(name="mlp_norm", **norm)(x_BxSxD + Mlp(cfg, name="mlp", **kw)(x_BxSxD))
+            return nn.with_logical_constraint(x_BxSxD, _ACT), None
+        h = Norm(name="attn_norm", **norm)(x_BxSxD)
         x_BxSxD = x_BxSxD + attn(h, positions_BxS, mask_BxSxT, rope)
         h = Norm(name="mlp_norm", **norm)(x_BxSxD)
         x_BxSxD = x_BxSxD + Mlp(cfg, name="mlp", **kw)(h)
@@ -51,8 +61,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder (or, with `causal=False`, encoder) stack over token ids.
 
-    Returns logits_BxSxV in the compute dtype, or the final normed hidden states when
-    `return_hidden` is set (for task heads and memory-lean losses).
+    Returns logits_BxSxV in the compute dtype (the MLM head's when the model has one), or
+    the final hidden states when `return_hidden` is set (for task heads and memory-lean losses).
     """
 
     cfg: ModelConfig
@@ -76,9 +86,18 @@ class Transformer(nn.Module):
             self.position_embedding = self.param(
                 "position_embedding",
                 nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
-                (cfg.max_seq_len, cfg.d_model),
+                (cfg.max_seq_len + cfg.position_offset, cfg.d_model),
                 self.param_dtype,
             )
+        if cfg.type_vocab_size:
+            self.token_type_embedding = self.param(
+                "token_type_embedding",
+                nn.with_logical_partitioning(init, (None, "embed")),
+                (cfg.type_vocab_size, cfg.d_model),
+                self.param_dtype,
+            )
+        if cfg.embed_norm:
+            self.embed_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -91,42 +110,73 @@ class Transformer(nn.Module):
             unroll=cfg.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.dtype, self.param_dtype, self.decode, self.attention_query_block, self.attention_kernel, name="layers")
-        self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
+        if cfg.norm_position == "pre":  # post-norm blocks end normed
+            self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
+        if cfg.pooler:
+            self.pooler = Pooler(cfg.init_std, self.dtype, self.param_dtype)
+        if cfg.mlm_head:
+            self.mlm_head = MlmHead(cfg, self.dtype, self.param_dtype)
         if cfg.classifier is not None:
-            self.classifier = ClassifierHead(cfg.classifier, self.dtype, self.param_dtype)
+            self.classifier = ClassifierHead(cfg.classifier, self.dtype, self.param_dtype, cfg.init_std)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(
                 (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), False, cfg.init_std, self.dtype, self.param_dtype
             )
 
     def __call__(
-        self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, *, return_hidden: bool = False, classify: bool = False
-    ):
+        self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, *, token_type_ids_BxS=None,
+        return_hidden: bool = False, classify: bool = False,
+    ):  # fmt: skip
+        """token_type_ids_BxS: segment A/B ids of models with token types (default: all 0)."""
         cfg = self.cfg
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         if segment_ids_BxS is None:
             segment_ids_BxS = jnp.ones_like(tokens_BxS)
         x_BxSxD = jnp.take(self.embedding, tokens_BxS, axis=0).astype(self.dtype)
+        if cfg.type_vocab_size:
+            types_BxS = jnp.zeros_like(tokens_BxS) if token_type_ids_BxS is None else token_type_ids_BxS
+            x_BxSxD = x_BxSxD + jnp.take(self.token_type_embedding, types_BxS, axis=0).astype(self.dtype)
         if cfg.positions == "learned":
-            x_BxSxD = x_BxSxD + jnp.take(self.position_embedding, positions_BxS, axis=0).astype(self.dtype)
+            rows_BxS = positions_BxS + cfg.position_offset if cfg.position_offset else positions_BxS
+            x_BxSxD = x_BxSxD + jnp.take(self.position_embedding, rows_BxS, axis=0).astype(self.dtype)
+        if cfg.embed_norm:
+            x_BxSxD = self.embed_norm(x_BxSxD)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, _ACT)
         mask_BxSxT = attention_mask(segment_ids_BxS, causal=cfg.causal, sliding_window=cfg.sliding_window)
         rope = None
         if cfg.positions == "rope":
             rope = rope_tables(positions_BxS, rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
         x_BxSxD, _ = self.layers(x_BxSxD, positions_BxS, mask_BxSxT, rope)
-        hidden_BxSxD = self.final_norm(x_BxSxD)
+        hidden_BxSxD = self.final_norm(x_BxSxD) if cfg.norm_position == "pre" else x_BxSxD
+        if self.is_initializing():  # init creates every head the config names
+            if cfg.pooler:
+                self.pool(hidden_BxSxD)
+            if cfg.mlm_head:
+                self.mlm_logits(hidden_BxSxD)
         if classify or (self.cfg.classifier is not None and self.is_initializing()):
-            class_logits_BxC = self.classifier(hidden_BxSxD, segment_ids_BxS)  # init must create the head too
+            class_logits_BxC = self.class_logits(hidden_BxSxD, segment_ids_BxS)
             if classify:
                 return class_logits_BxC
         if return_hidden:
             return hidden_BxSxD
-        return self.logits(hidden_BxSxD)
+        return self.mlm_logits(hidden_BxSxD) if cfg.mlm_head else self.logits(hidden_BxSxD)
 
     def logits(self, hidden_BxSxD):
         """Project hidden states onto the vocabulary (the tied embedding or the LM head)."""
         if self.cfg.tie_embeddings:
             return jnp.einsum("bsd,vd->bsv", hidden_BxSxD, self.embedding.astype(self.dtype))
         return self.lm_head(hidden_BxSxD)
+
+    def mlm_logits(self, hidden_BxSxD):
+        """Masked-LM logits_BxSxV of hidden states (heads.MlmHead, decoding with the word embedding)."""
+        return self.mlm_head(hidden_BxSxD, self.embedding)
+
+    def pool(self, hidden_BxSxD):
+        """The pooler's tanh(dense(first token)), pooled_BxD (models with `pooler`)."""
+        return self.pooler(pool_hidden(hidden_BxSxD, None, "cls"))
+
+    def class_logits(self, hidden_BxSxD, segment_ids_BxS):
+        """Class logits_BxC of the classification head; `cls` pooling goes through the model's pooler when it has one."""
+        pooled_BxD = self.pool(hidden_BxSxD) if self.cfg.classifier.pooling == "cls" and self.cfg.pooler else None
+        return self.classifier(hidden_BxSxD, segment_ids_BxS, pooled_BxD)
