@@ -21,7 +21,7 @@ from maxtrain.mesh import batch_sharding, build_mesh, data_parallel_size
 from maxtrain.model.transformer import Transformer
 from maxtrain.finetune.trainable import TrainableSet, path_name, trainable_set
 from maxtrain.model.config import ModelConfig
-from maxtrain.objectives import Objective, causal_lm_objective, classification_objective, sft_objective
+from maxtrain.objectives import Objective, causal_lm_objective, classification_objective, masked_lm_objective, sft_objective
 from maxtrain.optim import build_optimizer
 from maxtrain.step import TrainState, build_eval_step, build_train_step, init_train_state, jit_train_step, xla_options
 
@@ -101,6 +101,7 @@ def build_objective(cfg: RunConfig, apply_fn) -> Objective:
         "causal_lm": lambda: causal_lm_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
         "sft": lambda: sft_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
         "classification": lambda: classification_objective(apply_fn),
+        "masked_lm": lambda: masked_lm_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
     }
     return objectives[cfg.train.objective]()
 
@@ -109,7 +110,24 @@ def finetuned_model_config(cfg: RunConfig) -> ModelConfig:
     """The run's model: the base architecture plus the `finetune:` additions (LoRA, a head)."""
     if cfg.train.objective == "classification" and cfg.finetune.classifier is None:
         raise UserError("train.objective=classification needs a head; set finetune.classifier.num_labels")
+    check_objective_fits_model(cfg.train.objective, cfg.model)
     return cfg.model.model_copy(update={"lora": cfg.finetune.lora, "classifier": cfg.finetune.classifier})
+
+
+def check_objective_fits_model(objective: str, model: ModelConfig) -> None:
+    """User errors for an objective the model cannot train: LM losses on encoders, masked LM on decoders."""
+    if objective in ("causal_lm", "sft") and not model.causal:
+        raise UserError(
+            f"train.objective={objective} needs a causal model but model.causal=false (a {model.family} encoder); "
+            "use train.objective=masked_lm or classification, or a decoder model"
+        )
+    if objective == "masked_lm" and model.causal:
+        raise UserError(
+            "train.objective=masked_lm needs a bidirectional encoder but model.causal=true; "
+            "use an encoder preset (model=bert-base-uncased, roberta-base) or train.objective=causal_lm"
+        )
+    if objective == "masked_lm" and not model.mlm_head:
+        raise UserError("train.objective=masked_lm needs the model's MLM head; set model.mlm_head=true")
 
 
 def trainable_parts(cfg: RunConfig) -> tuple[TrainableSet, Callable | None, Callable | None]:

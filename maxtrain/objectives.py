@@ -178,3 +178,36 @@ def classification_objective(apply_fn: ApplyFn) -> Objective:
         return nll_sum, {"weight": jnp.sum(w_B), "nll": nll_sum, "correct": jnp.sum(correct_B * w_B)}
 
     return objective
+
+
+def masked_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0, loss_chunk: int = 0) -> Objective:
+    """Masked-LM cross-entropy of the MLM head on `targets`, weighted by `loss_weights`.
+
+    The mlm data format chooses and corrupts the positions: `tokens` is the corrupted input,
+    `targets` the original ids, and `loss_weights` is 1 on the selected positions only, so
+    the loss and "correct" (masked-token accuracy) count those alone. `token_type_ids` is
+    read when the batch has it (BERT's segment A/B; absent means all 0). The step's rng is
+    the dropout rng, as in the other finetuning objectives.
+    loss_chunk: > 0 computes the loss in sequence chunks (chunked_lm_loss) through the MLM head.
+    """
+
+    def objective(params, batch: Batch, rng: jax.Array | None):
+        kw = {"token_type_ids_BxS": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        hidden_BxSxD = apply_fn(
+            params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, **kw, **_dropout_rngs(rng)
+        )
+        w_BxS = batch["loss_weights"].astype(jnp.float32)
+        if loss_chunk:
+            head = {k: v for k, v in params.items() if k != "layers"}  # the MLM head and the tied embedding
+            logits_of = lambda head, h: apply_fn(head, h, method="mlm_logits")  # noqa: E731
+            loss_sum, sums = chunked_lm_loss(logits_of, head, hidden_BxSxD, batch["targets"], w_BxS, chunk=loss_chunk, z_loss=z_loss)
+        else:
+            logits_BxSxV = apply_fn(params, hidden_BxSxD, method="mlm_logits")
+            sums = weighted_sums(*token_cross_entropy(logits_BxSxV, batch["targets"]), w_BxS)
+            loss_sum = sums["nll"] + z_loss * sums["z"]
+        metrics = {"weight": jnp.sum(w_BxS), "nll": sums["nll"], "correct": sums["correct"]}
+        if z_loss:
+            metrics["z_loss"] = z_loss * sums["z"]
+        return loss_sum, metrics
+
+    return objective
