@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -129,8 +128,10 @@ class Generator:
 
         out_BxN = jnp.full((batch, s.max_new_tokens), pad_id, jnp.int32)
         init = (jnp.int32(0), cache, logits_BxV, lengths_B, jnp.zeros((batch,), bool), rng, out_BxN)
-        steps, *_, out_BxN = jax.lax.while_loop(cond, body, init)
-        return out_BxN, steps
+        steps, cache, *_, out_BxN = jax.lax.while_loop(cond, body, init)
+        # The cache goes out as well: the donated input cache is then the loop's own buffer
+        # (input-output aliasing), where an unused donation would be a copy and a JAX warning.
+        return out_BxN, steps, cache
 
     def _functions(self, batch: int, prompt_len: int, s: Sampling, eos_ids, pad_id):
         s = dataclasses.replace(s, seed=0)  # the seed is an argument, not part of the program
@@ -173,7 +174,7 @@ class Generator:
             shape = (self.cfg.num_layers, len(prompts), cache_len, self.cfg.kv_heads, self.cfg.dim_per_head)
             cache = jax.device_put(init_cache(self.cfg, len(prompts), cache_len, self.dtype), self._cache_sharding(shape))
             logits, cache = prefill(self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
-            out, steps = decode(self.params, cache, logits, jnp.asarray(lengths), jax.random.PRNGKey(s.seed))
+            out, steps, _ = decode(self.params, cache, logits, jnp.asarray(lengths), jax.random.PRNGKey(s.seed))
         out = np.asarray(out)[:, : int(steps)]
         results = []
         for row in out:
@@ -184,17 +185,19 @@ class Generator:
 
 
 def load_generator(path: str, *, dtype: str = "auto", devices=None) -> tuple[Generator, Any, dict]:
-    """(Generator, tokenizer or None, metadata) for a params dir, checkpoint step dir or run dir.
+    """(Generator, tokenizer or None, metadata) for a run dir, a checkpoint step dir or an export.
 
     devices: the mesh's devices (default: all), params sharded over them by the default mesh rules.
     """
-    from maxtrain.checkpoint.params import load_params, model_config_of, read_metadata, resolve_params_dir
+    from maxtrain.checkpoint.params import load_params, model_config_of
+    from maxtrain.checkpoint.source import resolve_model
     from maxtrain.config import MeshConfig
     from maxtrain.experiment import compute_dtype
     from maxtrain.mesh import build_mesh
     from maxtrain.step import state_shardings
 
-    meta = read_metadata(path)
+    source = resolve_model(path)  # once: a run that checkpoints meanwhile does not switch steps under us
+    meta = source.metadata()
     cfg = model_config_of(meta)  # LoRA runs generate with their adapters; a head is loaded but unused
     mesh_cfg = MeshConfig()
     mesh = build_mesh(mesh_cfg, devices)
@@ -203,23 +206,9 @@ def load_generator(path: str, *, dtype: str = "auto", devices=None) -> tuple[Gen
         boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 2), jnp.int32))["params"], jax.random.PRNGKey(0))
     shardings = state_shardings(boxed, mesh, mesh_cfg.rules)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nn.unbox(boxed), shardings)
-    params = load_params(path, abstract)
+    params = load_params(source.params_dir.parent, abstract)
     generator = Generator(cfg, params, mesh=mesh, rules=mesh_cfg.rules, dtype=compute_dtype(dtype))
-    _, meta_dir = resolve_params_dir(path)
-    return generator, _checkpoint_tokenizer(meta_dir, meta), meta
-
-
-def _checkpoint_tokenizer(meta_dir: Path, meta: dict):
-    from maxtrain.data.tokenizer import load_tokenizer
-
-    name = (meta.get("tokenizer") or {}).get("file")
-    if not name or not (meta_dir / name).is_file():
-        return None
-    hf = meta.get("hf_tokenizer") or {}
-    if name.endswith(".json"):
-        eos = hf.get("eos_token")
-        return load_tokenizer(str(meta_dir / name), bos=hf.get("bos_token") or eos, eos=eos, pad=hf.get("pad_token"))
-    return load_tokenizer(str(meta_dir / name))
+    return generator, source.tokenizer(), meta
 
 
 def special_ids(tokenizer, meta: dict) -> tuple[list[int], int, bool]:
@@ -230,6 +219,17 @@ def special_ids(tokenizer, meta: dict) -> tuple[list[int], int, bool]:
         pad = hf.get("pad_token_id")
         return eos, pad if pad is not None else (eos[0] if eos else 0), bool(hf.get("add_bos"))
     return [tokenizer.eos_id], tokenizer.pad_id, True  # maxtrain packs every document as BOS + text + EOS
+
+
+def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text the new tokens add after the prompt (with the space a word-initial piece carries).
+
+    Decoding the new tokens alone would drop that leading space (sentencepiece strips it at
+    the start of a text); the difference of two decodes keeps it.
+    """
+    before = tokenizer.decode(list(prompt_ids))
+    after = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(list(new_ids))
 
 
 def _read_prompts(ns: argparse.Namespace) -> list[str]:
@@ -251,18 +251,20 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     prompts = _read_prompts(ns)
     generator, tokenizer, meta = load_generator(ns.checkpoint)
     if tokenizer is None:
-        raise UserError(f"'{ns.checkpoint}' has no tokenizer file (tokenizer.model or tokenizer.json) next to maxtrain.json")
+        from maxtrain.checkpoint.source import resolve_model
+
+        resolve_model(ns.checkpoint).require_tokenizer()  # raises, naming where it looked
     eos, pad, add_bos = special_ids(tokenizer, meta)
     ids = [([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(p) for p in prompts]
     outputs = []
     for start in range(0, len(ids), ns.batch_size):
         outputs += generator.generate(ids[start : start + ns.batch_size], sampling, eos_ids=eos, pad_id=pad)
-    for prompt, new in zip(prompts, outputs):
-        text = tokenizer.decode([t for t in new if t not in eos])
-        if ns.prompts is None:
-            print(prompt + text)
-        else:
+    for prompt, prompt_ids, new in zip(prompts, ids, outputs):
+        text = continuation(tokenizer, prompt_ids[int(add_bos):], [t for t in new if t not in eos])
+        if ns.prompts is not None:
             print(json.dumps({"prompt": prompt, "completion": text, "new_tokens": len(new)}))
+        else:  # the completion alone, so it is never mistaken for the prompt; --echo shows both
+            print(prompt + text if ns.echo else text)
     sys.stdout.flush()
     return 0
 
@@ -270,7 +272,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 def register_commands(sub) -> None:
     """Add `maxtrain generate` to the CLI's subparsers."""
     p = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache")
-    p.add_argument("--checkpoint", required=True, help="params dir (export or convert), checkpoint step dir or run dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir (newest checkpoint), checkpoint step dir, or export (maxtrain export / convert from-hf)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompts", help="JSON Lines file of {\"prompt\": ...}; prints one JSON line per prompt")
@@ -279,6 +282,7 @@ def register_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 disables")
     p.add_argument("--top-p", type=float, default=1.0, help="1 disables")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--echo", action="store_true", help="--prompt: print the prompt before the completion")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (--prompts)")
     p.set_defaults(func=_cmd_generate)
 

@@ -107,8 +107,9 @@ def test_generate_cli_on_a_converted_hf_model_equals_transformers(tmp_path):
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
         new = out[0, len(ids):].tolist()
-        expected.append((new, tok.decode([t for t in new if t != 2])))
-    assert single.strip() == prompts[0] + expected[0][1]
+        before, after = tok.decode(ids[1:]), tok.decode(ids[1:] + [t for t in new if t != 2])
+        expected.append((new, after[len(before):]))  # the text after the prompt, with its leading space
+    assert single.rstrip("\n") == expected[0][1]  # the completion alone (--echo adds the prompt)
     records = [json.loads(line) for line in batch.strip().splitlines()]
     assert [r["prompt"] for r in records] == prompts
     assert [(r["new_tokens"], r["completion"]) for r in records] == [(len(n), text) for n, text in expected]

@@ -9,32 +9,44 @@ from pathlib import Path
 log = logging.getLogger("maxtrain")
 
 
+def run_config_of(meta: dict):
+    """The RunConfig a maxtrain.json describes: a checkpoint's own config, or an export's model (+ LoRA / head)."""
+    from maxtrain.checkpoint.params import model_config_of
+    from maxtrain.config import RunConfig
+
+    if meta.get("config"):
+        return RunConfig(**meta["config"])
+    model = model_config_of(meta)
+    finetune = {"lora": model.lora, "classifier": model.classifier}
+    return RunConfig(model=model.model_copy(update={"lora": None, "classifier": None}), preset=meta.get("preset"),
+                     finetune=finetune)  # fmt: skip
+
+
 def export_params(checkpoint: str, out_dir: str, *, merge_lora: bool = False) -> dict:
-    """Copy the params of a checkpoint step dir (or a run dir's latest) to `out_dir` via save_params.
+    """Copy the params of a run dir (newest checkpoint), a step dir or an export to `out_dir` via save_params.
 
     The arrays are restored onto this host's devices with a replicated-free layout (one
     device, no mesh needed) and written once; the tokenizer file saved by the run is copied.
     merge_lora: fold a LoRA run's adapters into the weights; the export is then a base model
     (`lora: null`) that loads and finetunes like any pretrained one.
     """
+    import shutil
+
     import jax
 
-    from maxtrain.checkpoint.params import (
-        META_ITEM, TOKENIZER_FILES, read_metadata, resolve_params_dir, restore_tree, save_params, saved_tree_metadata,
-    )  # fmt: skip
-    from maxtrain.config import RunConfig
+    from maxtrain.checkpoint.params import read_metadata, restore_tree, save_params, saved_tree_metadata
+    from maxtrain.checkpoint.source import resolve_model
+    from maxtrain.convert.importer import HF_SIDE_DIR
     from maxtrain.errors import UserError
 
-    params_dir, meta_dir = resolve_params_dir(checkpoint)
-    meta = read_metadata(checkpoint)
-    if meta.get("format") != "maxtrain-checkpoint":
-        raise UserError(f"'{checkpoint}' is not a training checkpoint (format {meta.get('format')!r}); it is already params")
-    cfg = RunConfig(**meta["config"])
-    saved = saved_tree_metadata(params_dir)
+    source = resolve_model(checkpoint)
+    meta = source.metadata()
+    cfg = run_config_of(meta)
+    saved = saved_tree_metadata(source.params_dir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    params = restore_tree(params_dir, abstract)
-    extra = {}
+    params = restore_tree(source.params_dir, abstract)
+    extra = {k: meta[k] for k in ("source", "hf_tokenizer") if source.kind == "export" and k in meta}
     if merge_lora:
         from maxtrain.finetune.lora import merge_lora as merge
 
@@ -43,18 +55,18 @@ def export_params(checkpoint: str, out_dir: str, *, merge_lora: bool = False) ->
         params = merge(params, cfg.finetune.lora)
         extra["merged_lora"] = cfg.finetune.lora.model_dump(mode="json")
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lora": None})})
-    run_dir = meta_dir.parent.parent.parent if meta_dir.name == META_ITEM else None
-    tokenizer = None
-    for name in TOKENIZER_FILES if run_dir is not None else ():
-        if (run_dir / name).is_file():
-            tokenizer = str(run_dir / name)
+    tokenizer = source.tokenizer_file()
     if tokenizer is None:
         log.warning("no tokenizer file next to the checkpoint: the export has none (set it when loading)")
-    extra.update(step=meta.get("step"), tokens_seen=meta.get("tokens_seen"), source=str(Path(checkpoint).absolute()))
-    save_params(out_dir, params, cfg=cfg, tokenizer_path=tokenizer, extra=extra)
+    extra.update(step=meta.get("step"), tokens_seen=meta.get("tokens_seen"))
+    extra.setdefault("source", str(Path(checkpoint).absolute()))  # an HF import keeps its own source record
+    save_params(out_dir, params, cfg=cfg, tokenizer_path=str(tokenizer) if tokenizer else None, extra=extra)
+    if source.kind == "export" and (source.meta_dir / HF_SIDE_DIR).is_dir():  # HF tokenizer files, for to-hf
+        shutil.copytree(source.meta_dir / HF_SIDE_DIR, Path(out_dir) / HF_SIDE_DIR)
     written = read_metadata(out_dir)
-    if tokenizer and written["tokenizer"]["identity"] != meta["tokenizer"]["identity"]:
-        raise UserError(f"the tokenizer file in {run_dir} is not the one the checkpoint was trained with; pass the right one")
+    trained_with = (meta.get("tokenizer") or {}).get("identity")
+    if tokenizer and trained_with and written["tokenizer"]["identity"] != trained_with:
+        raise UserError(f"{tokenizer} is not the tokenizer the checkpoint was trained with; put the right one there")
     return written
 
 
@@ -69,7 +81,7 @@ def register_commands(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a checkpoint's params only (no optimizer state): maxtrain export CHECKPOINT OUT_DIR",
-        description="CHECKPOINT is a step dir (RUN_DIR/checkpoints/N) or a run dir (its latest checkpoint).",
+        description="CHECKPOINT is a run dir (its newest checkpoint), a step dir (RUN_DIR/checkpoints/N) or an export.",
     )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")

@@ -140,33 +140,17 @@ def _identity_of_file(path: Path) -> str:
 
 def resolve_params_dir(path) -> tuple[Path, Path]:
     """(dir holding the params item, dir holding maxtrain.json) for an export, a step dir or a run dir."""
-    p = Path(path).absolute()
-    if not p.exists():
-        raise UserError(f"'{p}' does not exist; pass an exported params dir, a checkpoint step dir or a run dir")
-    if (p / METADATA_FILE).is_file() and (p / PARAMS_ITEM).is_dir():
-        return p / PARAMS_ITEM, p
-    if (p / META_ITEM / METADATA_FILE).is_file() and (p / PARAMS_ITEM).is_dir():
-        return p / PARAMS_ITEM, p / META_ITEM
-    from maxtrain.checkpoint.manager import complete_steps
+    from maxtrain.checkpoint.source import resolve_model
 
-    for root in (p / CHECKPOINTS_DIR, p):
-        steps = complete_steps(root)
-        if steps:
-            step_dir = root / str(steps[-1])
-            return step_dir / PARAMS_ITEM, step_dir / META_ITEM
-    raise UserError(
-        f"'{p}' holds no maxtrain params (no {METADATA_FILE} with params/, and no complete checkpoint under "
-        f"{CHECKPOINTS_DIR}/); pass the directory written by `maxtrain export` or a run dir"
-    )
+    source = resolve_model(path)
+    return source.params_dir, source.meta_dir
 
 
 def read_metadata(path) -> dict:
     """The maxtrain.json of an exported params dir, a training checkpoint step dir, or a run dir (latest)."""
-    _, meta_dir = resolve_params_dir(path)
-    try:
-        return json.loads((meta_dir / METADATA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"'{meta_dir / METADATA_FILE}' is unreadable ({e}); the checkpoint is damaged, use another one") from None
+    from maxtrain.checkpoint.source import resolve_model
+
+    return resolve_model(path).metadata()
 
 
 def _path_str(path) -> str:
