@@ -6,7 +6,7 @@
     export_to_hf(merged_params, model_cfg, "hf_out/")  # any base-layout params tree (e.g. LoRA merged)
     convert_to_hf("lora_run/", "hf_base/", peft_adapter="adapter/")  # base weights + a PEFT LoRA adapter
 
-Families: families.py (llama, mistral, qwen2, qwen3, gpt2). Big leaves move a layer slice
+Families: families.py (llama, mistral, qwen2, qwen3, gpt2, bert, roberta). Big leaves move a layer slice
 at a time (orbax_io.py), so memory is a few HF tensors. torch/transformers/peft are never
 imported here; they are test-only references.
 """

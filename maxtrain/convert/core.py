@@ -111,6 +111,11 @@ class Family:
     to_model_config: config.json dict -> ModelConfig fields; to_hf_config: the inverse.
     rules: the tensor rules for a config. ignored: regexes of HF tensors that are buffers, not
     weights (rotary caches, causal-mask buffers). prefix: the name prefix some checkpoints omit.
+    rename: maps legacy tensor names to current ones (BERT's LayerNorm.gamma/beta).
+    from_tensors: (config.json dict, {tensor name: shape}) -> more ModelConfig fields, for
+      parts config.json does not name (whether a BERT checkpoint holds a pooler or an MLM head).
+    export_model: the ModelConfig written for a model (default: without LoRA, merged, and
+      without a classifier, which a causal LM has no place for); leaves of other parts are left out.
     """
 
     name: str
@@ -124,6 +129,15 @@ class Family:
     prefix: str = ""
     add_bos: bool = False  # whether prompts start with BOS when the tokenizer config does not say
     extra: dict = field(default_factory=dict)
+    rename: Callable[[str], str] | None = None
+    from_tensors: Callable[[dict, dict[str, Shape]], dict] | None = None
+    export_model: Callable[[ModelConfig], ModelConfig] | None = None
+
+    def exported_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The ModelConfig this family writes for `cfg` (see export_model)."""
+        if self.export_model is not None:
+            return self.export_model(cfg)
+        return cfg.model_copy(update={"lora": None, "classifier": None})
 
 
 def abstract_param_shapes(cfg: ModelConfig) -> dict[str, Shape]:
@@ -181,10 +195,17 @@ def _hf_names(rule: Rule, num_layers: int) -> list[str]:
     return [rule.hf.format(i=i) for i in range(num_layers)] if rule.per_layer else [rule.hf]
 
 
-def check_checkpoint(reader: SafetensorsReader, family: Family, cfg: ModelConfig) -> None:
-    """UserErrors, before anything is written, for missing, misshapen, wrongly typed or unknown tensors."""
+def normalize_names(reader: SafetensorsReader, family: Family) -> None:
+    """Give the reader's tensors the family's current names: the prefix some checkpoints omit, legacy renames."""
     if family.prefix and not any(n.startswith(family.prefix) for n in reader.tensors):
         reader.tensors = {family.prefix + n: info for n, info in reader.tensors.items()}
+    if family.rename is not None:
+        reader.tensors = {family.rename(n): info for n, info in reader.tensors.items()}
+
+
+def check_checkpoint(reader: SafetensorsReader, family: Family, cfg: ModelConfig) -> None:
+    """UserErrors, before anything is written, for missing, misshapen, wrongly typed or unknown tensors."""
+    normalize_names(reader, family)
     rules, shapes, layers = _bind(family, cfg)
     expected = set()
     for rule in rules:

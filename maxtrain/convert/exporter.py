@@ -1,4 +1,5 @@
-"""`maxtrain convert to-hf`: maxtrain params -> a dir `transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""`maxtrain convert to-hf`: maxtrain params -> a dir `transformers` loads (AutoModelForCausalLM, or for
+encoders AutoModelForMaskedLM / AutoModelForSequenceClassification).
 
 `export_to_hf(params, model_cfg, out_dir)` is the hook for any params tree already in the
 base layout (e.g. LoRA factors merged into the weights by the finetuning code). Tensors
@@ -82,8 +83,8 @@ def export_to_hf(
     out.mkdir(parents=True, exist_ok=True)
     files = write_safetensors(out, planned, max_shard_bytes)
     specials = _tokenizer_files(out, Path(meta_dir) if meta_dir else None, meta or {})
-    config = family.to_hf_config(model_cfg)
-    config.update({k: v for k, v in specials.items() if v is not None})
+    # The family's own fields win (RoBERTa's pad_token_id fixes its position offset).
+    config = {**{k: v for k, v in specials.items() if v is not None}, **family.to_hf_config(model_cfg)}
     config.update(torch_dtype=dtype, dtype=dtype, use_cache=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not (out / "generation_config.json").exists():
@@ -93,10 +94,12 @@ def export_to_hf(
     return files + ["config.json"]
 
 
-def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool) -> tuple[dict, dict]:
-    """({path: stored leaf read on demand} of the base model with LoRA merged per slice, {kernel path: factors}).
+def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool, export_cfg: ModelConfig) -> tuple[dict, dict]:
+    """({path: stored leaf read on demand} of the exported model with LoRA merged per slice, {kernel path: factors}).
 
     peft: keep the base kernels unmerged and return the factors for a PEFT adapter instead.
+    export_cfg: the model as written (Family.exported_config); other leaves (a head it has no
+    place for) are left out with a warning.
     """
     import jax
 
@@ -108,9 +111,6 @@ def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool) -> tuple[dict, 
     check_shapes(params_dir, unflatten({n: jax.ShapeDtypeStruct(s, np.float32) for n, s in shapes.items()}), what="params")
     reader = ItemReader(params_dir)
     flat = {path: LazyLeaf(reader, path) for path in shapes}
-    if model_cfg.classifier is not None:
-        log.warning("leaving out the classification head: a causal-LM export has no place for it")
-        flat = {path: leaf for path, leaf in flat.items() if not path.startswith("classifier/")}
     adapters = {}
     for path in [p for p in flat if p.endswith("/lora_a")]:
         prefix = path[: -len("/lora_a")]
@@ -119,7 +119,12 @@ def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool) -> tuple[dict, 
             adapters[prefix] = {"lora_a": a, "lora_b": b}
         else:
             flat[prefix + "/kernel"] = MergedKernel(flat[prefix + "/kernel"], a, b, model_cfg.lora.scale)
-    return flat, adapters
+    kept = abstract_param_shapes(export_cfg)
+    dropped = sorted({path.split("/")[0] for path in flat if path not in kept})
+    if dropped:
+        what = {"classifier": "the classification head", "mlm_head": "the MLM head"}
+        log.warning("leaving out %s: the exported architecture has no place for it", ", ".join(what.get(d, d) for d in dropped))
+    return {path: leaf for path, leaf in flat.items() if path in kept}, adapters
 
 
 class MergedKernel:
@@ -148,7 +153,8 @@ def convert_to_hf(
     dtype: None keeps the dtype the model was converted from (float32 for models trained here).
     A LoRA run exports its adapters merged into the weights; with `peft_adapter` it exports the
     base weights instead and writes the adapters as a PEFT LoRA adapter dir there.
-    A classification head has no causal-LM counterpart and is left out (with a warning).
+    A classification head has no causal-LM counterpart and is left out (with a warning);
+    an encoder with a head exports as ...ForSequenceClassification (its MLM head left out).
     Stored leaves are read one layer slice at a time, so memory stays a few HF tensors.
     """
     from maxtrain.checkpoint.params import model_config_of, read_metadata, resolve_params_dir
@@ -161,8 +167,8 @@ def convert_to_hf(
         raise UserError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     if peft_adapter is not None and model_cfg.lora is None:
         raise UserError(f"'{checkpoint}' has no LoRA adapters to write as a PEFT adapter; drop --peft-adapter")
-    flat, adapters = _lazy_params(checkpoint, model_cfg, peft=peft_adapter is not None)
-    base_cfg = model_cfg.model_copy(update={"lora": None, "classifier": None})
+    base_cfg = family_for_model(model_cfg).exported_config(model_cfg)
+    flat, adapters = _lazy_params(checkpoint, model_cfg, peft=peft_adapter is not None, export_cfg=base_cfg)
     if peft_adapter is not None:
         from maxtrain.convert.peft import write_peft_adapter
 

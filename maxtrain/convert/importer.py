@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from maxtrain.convert.core import ImportedLeaf, check_checkpoint, flatten, iter_imported_leaves, unflatten
+from maxtrain.convert.core import ImportedLeaf, check_checkpoint, flatten, iter_imported_leaves, normalize_names, unflatten
 from maxtrain.convert.orbax_io import register_arrays, sync_item, write_array
 from maxtrain.convert.families import family_for_hf
 from maxtrain.convert.safetensors_io import FLOAT_DTYPES, SafetensorsReader, big_buffers_mmapped, return_freed_memory
@@ -169,12 +169,16 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str
     hf_dir, out = Path(hf_dir), Path(out_dir).absolute()
     hf = read_json(hf_dir / "config.json", "pass a Hugging Face model dir (config.json + *.safetensors)")
     family = family_for_hf(hf)
+    fields = family.to_model_config(hf)
+    reader = SafetensorsReader(hf_dir)
+    if family.from_tensors is not None:
+        normalize_names(reader, family)
+        fields.update(family.from_tensors(hf, {n: t.shape for n, t in reader.tensors.items()}))
     try:
-        model_cfg = ModelConfig(**family.to_model_config(hf))
+        model_cfg = ModelConfig(**fields)
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"config.json of '{hf_dir}' maps to an invalid model ({first['loc']}: {first['msg']})") from None
-    reader = SafetensorsReader(hf_dir)
     check_checkpoint(reader, family, model_cfg)
     if (out / "params").exists() or (out / "maxtrain.json").exists():
         raise UserError(f"'{out}' already holds params; choose a new output directory or delete it first")
