@@ -7,13 +7,14 @@ Each subsystem gets only its own section (`model`, `mesh`, `optimizer`, `train`,
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from maxtrain.data.config import DataConfig
+from maxtrain.data.config import DataConfig, SourceConfig
 from maxtrain.errors import UserError
 from maxtrain.finetune.config import FinetuneConfig
 from maxtrain.model.config import ModelConfig
@@ -108,12 +109,45 @@ class TrainConfig(BaseModel):
     objective: Literal["causal_lm", "sft", "classification"] = "causal_lm"
 
 
+class EvalSet(BaseModel):
+    """A named validation set: every document of its sources (same syntax as data.sources)."""
+
+    model_config = _FROZEN
+    sources: list[SourceConfig] = Field(min_length=1)
+    batches: int | Literal["all"] = "all"  # batches of train.global_batch rows; all: the whole set
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sources_only(cls, value):
+        return {"sources": value} if isinstance(value, list) else value  # `name: [sources]` shorthand
+
+
 class EvalConfig(BaseModel):
-    """Held-out evaluation cadence."""
+    """Evaluation cadence and sets.
+
+    batches: batches of the default set (documents held out by data.eval_fraction) per eval,
+      or all. sets: named validation sets, each reported apart as eval_loss/<name>.
+    """
 
     model_config = _FROZEN
     every: int = Field(100, ge=0)  # 0 disables periodic eval (a final eval still runs)
-    batches: int = Field(8, gt=0)
+    batches: int | Literal["all"] = Field(8)
+    sets: dict[str, EvalSet] = Field(default_factory=dict)
+
+    @field_validator("batches")
+    @classmethod
+    def _positive(cls, value):
+        if value != "all" and value < 1:
+            raise ValueError("must be a positive number of batches or 'all'")
+        return value
+
+    @field_validator("sets")
+    @classmethod
+    def _names(cls, sets):
+        for name in sets:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"set name {name!r} must be letters, digits, '_', '.' or '-' (it becomes eval_loss/<name>)")
+        return sets
 
 
 class LogConfig(BaseModel):
@@ -209,12 +243,27 @@ def load_preset(name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist; pass a YAML path such as configs/base.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
     if not isinstance(data, dict):

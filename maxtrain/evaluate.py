@@ -73,7 +73,7 @@ def exact_match(generator, tok, records: list[dict], template, *, max_new_tokens
 def classification_accuracy(exp, tok, records: list[dict], fmt, *, seq_len: int, batch_size: int) -> dict[str, Any]:
     """Accuracy and mean loss of the classification head over `records` (one example per row)."""
     from maxtrain.data.formats import RecordEncoder
-    from maxtrain.data.packing import empty_batch
+    from maxtrain.data.lanes import empty_batch
 
     encode = RecordEncoder(fmt, tok)
     docs = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -17,7 +18,7 @@ from maxtrain.checkpoint.params import tokenizer_file_bytes, write_atomic
 from maxtrain.checkpoint.resume import set_aside_previous_run, truncate_metrics
 from maxtrain.checkpoint.signals import PreemptionWatcher
 from maxtrain.config import RunConfig
-from maxtrain.data import build_pipeline, build_tokenizer, make_global_batch, unigram_entropy
+from maxtrain.data import build_pipeline, build_tokenizer, local_rows, make_global_batch, unigram_entropy
 from maxtrain.distributed import initialize as initialize_distributed, max_over_processes
 from maxtrain.errors import UserError
 from maxtrain.experiment import Experiment, build_experiment
@@ -61,23 +62,31 @@ class _Progress:
             self.bar.close()
 
 
-def evaluate(exp: Experiment, batches: Iterator[dict], num_batches: int) -> dict[str, float]:
-    """Held-out loss and accuracy over up to `num_batches` batches (sums, divided once).
+def evaluate(exp: Experiment, batches: Iterator[dict], num_batches: int | None, *, step=None, params=None) -> dict[str, float]:
+    """Held-out loss and accuracy over up to `num_batches` batches (None: all), sums divided once.
 
-    With several processes each reads its own share of the held-out documents and may run
-    out sooner than the others; all agree on the largest count and pad with zero-weight
-    batches, so every process runs the same number of (collective) eval steps.
+    step, params: another eval step and parameters (default: the experiment's).
+
+    Each process builds its rows of the same global batches; a process whose rows run out
+    sooner than another's pads with zero-weight batches (all agree on the largest count), so
+    every process runs the same number of (collective) eval steps and the sums equal those
+    of one process.
     """
     totals: dict[str, float] = {}
-    local_batches = [local for _, local in zip(range(num_batches), batches)]
+    limit = range(num_batches) if num_batches is not None else itertools.count()
+    local_batches = [local for _, local in zip(limit, batches)]
     count = max_over_processes(len(local_batches))
     if count > len(local_batches):
-        if not local_batches:
-            raise UserError(f"process {jax.process_index()} has no eval batches; raise data.eval_fraction or use fewer processes")
-        padding = {k: np.zeros_like(v) for k, v in local_batches[0].items()}  # zero loss weights: adds nothing
+        template = local_batches[0] if local_batches else None
+        if template is None:
+            raise UserError(f"process {jax.process_index()} has no eval batches; add eval documents or use fewer processes")
+        padding = {k: np.zeros_like(v) for k, v in template.items()}  # zero loss weights: adds nothing
+        if "labels" in padding:
+            padding["labels"][:] = -1
         local_batches += [padding] * (count - len(local_batches))
     for local in local_batches:
-        sums = jax.device_get(exp.eval_step(exp.state.params, make_global_batch(local, exp.batch_sharding)))
+        sums = jax.device_get((step or exp.eval_step)(exp.state.params if params is None else params,
+                                                      make_global_batch(local, exp.batch_sharding)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     weight = max(totals.get("weight", 0.0), 1.0)
@@ -86,6 +95,26 @@ def evaluate(exp: Experiment, batches: Iterator[dict], num_batches: int) -> dict
         "eval_accuracy": totals.get("correct", 0.0) / weight,
         "eval_tokens": int(totals.get("weight", 0)),
     }
+
+
+def eval_sets(cfg: RunConfig) -> dict[str, tuple]:
+    """name -> (data config, split, batches or None for all) of every validation set.
+
+    "" is the default set (documents held out by data.eval_fraction, reported as eval_loss);
+    each of eval.sets is all documents of its sources (reported as eval_loss/<name>).
+    """
+    sets = {}
+    if cfg.data.eval_fraction > 0:
+        sets[""] = (cfg.data, "eval", None if cfg.eval.batches == "all" else cfg.eval.batches)
+    for name, es in cfg.eval.sets.items():
+        data = cfg.data.model_copy(update={"sources": es.sources})
+        sets[name] = (data, "all", None if es.batches == "all" else es.batches)
+    return sets
+
+
+def _key(key: str, name: str) -> str:
+    """eval_loss -> eval_loss/<name> for a named set (the default set keeps the plain keys)."""
+    return f"{key}/{name}" if name else key
 
 
 def _start_state(cfg: RunConfig, exp: Experiment, tokenizer, run_dir: Path, is_main: bool):
@@ -123,20 +152,25 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     exp = build_experiment(cfg)
     tokenizer = build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size)
     run_dir = Path(cfg.run_dir)
+    pipeline_args = dict(
+        seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
+        rows=local_rows(exp.batch_sharding, cfg.train.global_batch),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    sets = eval_sets(cfg)
+
+    def eval_batches(name: str):
+        data, split, _ = sets[name]
+        return build_pipeline(data, tokenizer, split=split, seed=cfg.seed, **pipeline_args)
+
+    for name in sets:  # a missing or empty validation source fails here, before anything is written
+        eval_batches(name).close()
     ckpt, data_state = _start_state(cfg, exp, tokenizer, run_dir, is_main)
     writer = None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
-
-    pipeline_args = dict(
-        seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
-
-    def eval_batches():
-        return build_pipeline(cfg.data, tokenizer, split="eval", seed=cfg.seed, **pipeline_args)
 
     train_batches = build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
     if data_state is not None:
@@ -148,7 +182,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
     peak = peak_flops_total(cfg.log.peak_flops)
     n_params = cfg.model.param_count()
-    baseline = unigram_entropy(cfg.data, tokenizer, split="eval")
+    baseline_data, baseline_split, _ = next(iter(sets.values()), (cfg.data, "train", None))
+    baseline = unigram_entropy(baseline_data, tokenizer, split=baseline_split)
     log.info(
         "model %s: %.2fM params, %.3g FLOPs/token; mesh %s; %d tokens/step; unigram entropy %.3f nats",
         cfg.preset or cfg.model.family, n_params / 1e6, flops_per_token, dict(exp.mesh.shape), tokens_per_step, baseline,
@@ -186,14 +221,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     last_eval: dict[int, float] = {}
 
     def run_eval(step: int) -> None:
-        record = {"step": step, **evaluate(exp, eval_batches(), cfg.eval.batches)}
-        last_eval.clear()
-        last_eval[step] = record["eval_loss"]
-        summary.setdefault("first_eval_loss", record["eval_loss"])
-        summary["final_eval_loss"] = record["eval_loss"]
-        emit(record)
-        if is_main:
-            log.info("step %d eval_loss %.4f eval_accuracy %.3f", step, record["eval_loss"], record["eval_accuracy"])
+        record: dict[str, Any] = {"step": step}
+        for name, (_, _, batches) in sets.items():
+            with eval_batches(name) as it:
+                result = evaluate(exp, it, batches)
+            record.update({_key(k, name): v for k, v in result.items()})
+            summary.setdefault(_key("first_eval_loss", name), result["eval_loss"])
+            summary[_key("final_eval_loss", name)] = result["eval_loss"]
+            if is_main:
+                log.info("step %d %s %.4f %s %.3f", step, _key("eval_loss", name), result["eval_loss"],
+                         _key("eval_accuracy", name), result["eval_accuracy"])
+        if sets:
+            last_eval.clear()
+            last_eval[step] = record[_key("eval_loss", next(iter(sets)))]  # keep_best follows the first set
+            emit(record)
 
     rates: list[float] = []
     preempted = False

@@ -1,5 +1,6 @@
-"""Per-process shares: 2 and 4 processes together read every document exactly once; local
-batches have global_batch // process_count rows; make_global_batch assembles them."""
+"""Global batches: 1, 2 and 4 processes build the same global batches (each its own rows),
+a data position saved by one process count resumes on another, worker processes change
+nothing; make_global_batch assembles the local rows."""
 
 import jax
 import numpy as np
@@ -33,27 +34,69 @@ def documents(batches, tok):
     return [tok.decode(p) for p in pieces if p[-1] == tok.eos_id]
 
 
+def local_batches(cfg, tok, split, n, process_index=0, process_count=1, state=None, **kw):
+    """Up to n batches of one process (all of a finite split when n is None), optionally resumed from `state`."""
+    args = dict(seq_len=32, global_batch=8, seed=5, process_index=process_index, process_count=process_count, **kw)
+    with build_pipeline(cfg, tok, split=split, **args) as it:
+        if state is not None:
+            it.set_state(state)
+        batches = list(it) if n is None else [next(it) for _ in range(n)]
+        return batches, it.get_state()
+
+
+def assemble(per_process, rows_each):
+    """Global batches from each process's local batches (a process that ran out adds padding rows)."""
+    count = max(map(len, per_process))
+    out = []
+    for t in range(count):
+        parts = [p[t] if t < len(p) else {k: np.zeros_like(v) for k, v in per_process[0][0].items()} for p in per_process]
+        out.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+        assert all(part["tokens"].shape[0] == rows_each for part in parts)
+    return out
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_shares_cover_the_data_exactly_once(corpus, tok, process_count):
+def test_global_batches_do_not_depend_on_the_process_count(corpus, tok, process_count):
     d, texts = corpus
     cfg = DataConfig(sources=[{"type": "text", "path": str(d / "*.txt")}], eval_fraction=0.2)
-    eval_docs, train_docs = [], []
-    for p in range(process_count):
-        kw = dict(seq_len=32, global_batch=8, seed=5, process_index=p, process_count=process_count)
-        with build_pipeline(cfg, tok, split="eval", **kw) as it:
-            batches = list(it)
-        assert all(b["tokens"].shape == (8 // process_count, 32) for b in batches)
-        eval_docs += documents(batches, tok)
-        with build_pipeline(cfg, tok, split="train", **kw) as it:
-            batches = [next(it) for _ in range(60)]
-        train_docs.append(documents(batches, tok))
-    n_eval = len(eval_docs)
-    assert 10 <= n_eval <= 35 and len(set(eval_docs)) == n_eval
-    n_train = len(texts) - n_eval
-    # A train epoch is shared out round-robin: process p's first epoch is its first
-    # len(range(p, n_train, process_count)) documents.
-    first_epoch = [doc for p, docs in enumerate(train_docs) for doc in docs[: len(range(p, n_train, process_count))]]
-    assert sorted(first_epoch + eval_docs) == sorted(texts)
+    for split, n in (("train", 25), ("eval", None)):  # 25 train batches: more than one epoch
+        whole, _ = local_batches(cfg, tok, split, n)
+        parts = [local_batches(cfg, tok, split, n, p, process_count)[0] for p in range(process_count)]
+        assert_batches_equal(assemble(parts, 8 // process_count), whole)
+    # The eval split is every held-out document exactly once.
+    stream = np.concatenate([b["tokens"][r][b["segment_ids"][r] > 0] for r in range(8) for b in whole])
+    eval_docs = documents([{"tokens": stream[None], "segment_ids": np.ones((1, len(stream)), np.int32)}], tok)
+    assert 10 <= len(eval_docs) <= 35 and len(set(eval_docs)) == len(eval_docs) and set(eval_docs) <= set(texts)
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 4), (4, 2)])
+def test_data_position_moves_across_process_counts(corpus, tok, saved_by, resumed_by):
+    d, _ = corpus
+    cfg = DataConfig(sources=[{"type": "text", "path": str(d / "*.txt")}], eval_fraction=0.2)
+    uninterrupted, _ = local_batches(cfg, tok, "train", 12)
+    states = [local_batches(cfg, tok, "train", 7, p, saved_by)[1] for p in range(saved_by)]  # a checkpoint's list
+    parts = []
+    for p in range(resumed_by):
+        batches, _ = local_batches(cfg, tok, "train", 12, p, resumed_by, state=states)
+        parts.append(batches[:5])
+    assert_batches_equal(assemble(parts, 8 // resumed_by), uninterrupted[7:12])
+
+
+def test_worker_processes_give_the_same_batches(corpus, tok):
+    d, _ = corpus
+    cfg = DataConfig(sources=[{"type": "text", "path": str(d / "*.txt")}])
+    inline, state = local_batches(cfg, tok, "train", 6)
+    pooled, pooled_state = local_batches(cfg.model_copy(update={"workers": 2}), tok, "train", 6)
+    assert_batches_equal(pooled, inline)
+    assert pooled_state == state
 
 
 def test_global_batch_must_divide(corpus, tok):

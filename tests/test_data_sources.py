@@ -26,7 +26,7 @@ def tok(tmp_path_factory):
 def first_epoch(source, tok, n_docs, **kw):
     """Decoded documents of the first epoch of a train split (no shuffle, nothing held out)."""
     cfg = DataConfig(sources=[source], eval_fraction=0.0, shuffle=False, **kw)
-    with build_pipeline(cfg, tok, split="train", seq_len=64, global_batch=2, seed=0) as it:
+    with build_pipeline(cfg, tok, split="train", seq_len=64, global_batch=1, seed=0) as it:  # one lane: file order
         docs = []
         while len(docs) < n_docs:
             b = next(it)
@@ -106,6 +106,30 @@ def test_mixture_follows_weights(tmp_path, tok):
     assert a + b > 2000
     # Weights are proportions of documents: 3:1 means 0.75 of them from a, within 0.01.
     assert abs(a / (a + b) - 0.75) < 0.01
+
+
+@pytest.mark.parametrize("unit", ["documents", "tokens"])
+def test_mixture_weights_in_documents_or_tokens(tmp_path, tok, unit):
+    """Equal weights: `documents` draws as many short (a, ~4 tokens) as long (b, ~40) documents;
+    `tokens` draws as many tokens of each, whatever their document lengths."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": "a" * int(rng.integers(1, 6))}) for _ in range(300)))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": "b" * int(rng.integers(20, 60))}) for _ in range(300)))
+    cfg = DataConfig(sources=[{"type": "jsonl", "path": str(tmp_path / "a.jsonl")},
+                              {"type": "jsonl", "path": str(tmp_path / "b.jsonl")}], eval_fraction=0.0, mixture_unit=unit)
+    a_id, b_id = tok[0].encode("a")[-1], tok[0].encode("b")[-1]
+    with build_pipeline(cfg, tok[0], split="train", seq_len=128, global_batch=8, seed=0) as it:
+        stream = np.concatenate([next(it)["tokens"].reshape(-1) for _ in range(60)])
+    docs = stream[np.flatnonzero(stream[:-2] == tok[0].bos_id) + len(tok[0].encode("a"))]
+    a_docs, b_docs = (docs == a_id).sum(), (docs == b_id).sum()
+    # A document's tokens: its letters plus BOS and EOS.
+    a_tokens, b_tokens = (stream == a_id).sum() + 2 * a_docs, (stream == b_id).sum() + 2 * b_docs
+    assert a_tokens + b_tokens > 40_000
+    if unit == "documents":
+        assert abs(a_docs / (a_docs + b_docs) - 0.5) < 0.02  # the tokens follow document lengths: ~4 : ~40
+        assert a_tokens / (a_tokens + b_tokens) < 0.15
+    else:  # mean lengths are measured on 256 documents at start-up, hence a few percent
+        assert abs(a_tokens / (a_tokens + b_tokens) - 0.5) < 0.03
 
 
 def test_hf_datasets_streaming(tmp_path, tok):

@@ -197,8 +197,8 @@ class TrainCheckpointer:
 
     # -- restoring ------------------------------------------------------------------------
 
-    def restore_latest(self, state) -> tuple[Any, dict | None, int] | None:
-        """(state, this process's data state or None, step) from the newest good checkpoint, or None when there is none.
+    def restore_latest(self, state) -> tuple[Any, list[dict] | None, int] | None:
+        """(state, every process's data state or None, step) from the newest good checkpoint, or None when there is none.
 
         `state` gives the target shapes and shardings (any mesh). A damaged checkpoint is renamed
         aside with a warning and the previous one is tried; a checkpoint of another model shape
@@ -239,13 +239,8 @@ class TrainCheckpointer:
         if not self.ccfg.restore_data:
             log.warning("checkpoint.restore_data=false: the data stream restarts from its beginning")
             return restored, None, step
-        if data["process_count"] != jax.process_count():
-            raise UserError(
-                f"checkpoint step {step} was saved by {data['process_count']} processes and this run has "
-                f"{jax.process_count()}; the data position cannot be carried over. Set checkpoint.restore_data=false "
-                "to keep the weights and optimizer and restart the data stream"
-            )
-        return restored, data["states"][jax.process_index()], step
+        # Every process's state: the pipeline takes the rows it builds now, on any process count.
+        return restored, data["states"], step
 
     def _set_aside(self, step_dir: Path, e: BaseException) -> None:
         # Renamed rather than deleted: nothing a user might want is lost, and the step number

@@ -14,7 +14,7 @@ Paths = Union[str, list[str]]
 
 
 class _Source(BaseModel):
-    """Fields shared by every source: its mixture weight (a proportion of documents)."""
+    """Fields shared by every source: its mixture weight (of documents or tokens: data.mixture_unit)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     weight: float = Field(1.0, gt=0)
@@ -81,6 +81,10 @@ class TextFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["text"] = "text"
 
+    def batching(self) -> tuple[str, bool]:
+        """(how a row is filled, whether batches carry labels): see maxtrain.data.lanes."""
+        return "pack", False
+
 
 class SftFormat(BaseModel):
     """Instruction tuning from JSONL records: Alpaca {instruction, input, output} or chat {messages}.
@@ -88,11 +92,23 @@ class SftFormat(BaseModel):
     template: a chat template name (plain, llama3, chatml, mistral, alpaca) or auto (the one of
       model.family; see maxtrain/data/formats.py). Loss weights are 1 on assistant replies
       (with their end-of-turn text and EOS) and 0 on everything else.
+    rows: whole keeps every record inside one row (records are packed while they fit; the
+      rest of a row is padding); split lets a record continue in the next row, as text does
+      (its reply may then be learned without its prompt).
+    too_long: a record longer than a row (rows: whole) loses prompt tokens from the left,
+      after BOS, until it fits (truncate_prompt), and one whose reply alone does not fit is a
+      bad record; refuse makes every too-long record a bad record. Both are counted in the log.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["sft"] = "sft"
     template: str = "auto"
+    rows: Literal["whole", "split"] = "whole"
+    too_long: Literal["truncate_prompt", "refuse"] = "truncate_prompt"
+
+    def batching(self) -> tuple[str, bool]:
+        """(how a row is filled, whether batches carry labels): see maxtrain.data.lanes."""
+        return ("whole" if self.rows == "whole" else "pack"), False
 
 
 class ClassificationFormat(BaseModel):
@@ -107,6 +123,10 @@ class ClassificationFormat(BaseModel):
     labels: list[str] | None = None
     text_field: str = "text"
     label_field: str = "label"
+
+    def batching(self) -> tuple[str, bool]:
+        """(how a row is filled, whether batches carry labels): one example per row, labelled."""
+        return "single", True
 
 
 FormatConfig = Annotated[Union[TextFormat, SftFormat, ClassificationFormat], Field(discriminator="type")]
@@ -140,6 +160,8 @@ class DataConfig(BaseModel):
     prefetch: packed batches prepared ahead by a background thread (0 disables).
     on_bad_record: "error" stops with one line naming the record; "skip" counts and logs it.
     format: how records become documents (text, sft, classification; see maxtrain/data/formats.py).
+    mixture_unit: what source weights are proportions of: documents, or tokens (each weight
+      is divided by the source's mean document length, measured on a sample at start-up).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -151,3 +173,4 @@ class DataConfig(BaseModel):
     prefetch: int = Field(2, ge=0)
     on_bad_record: Literal["error", "skip"] = "error"
     format: FormatConfig = Field(default_factory=TextFormat)
+    mixture_unit: Literal["documents", "tokens"] = "documents"

@@ -5,10 +5,10 @@ file, or its name for embedded text); a document is held out for eval when the h
 falls below eval_fraction. No text is read to decide.
 
 Train order: per source, a global index shuffle (reshuffled each epoch from the seed),
-repeated forever, then this process's share (every process_count-th index from
-process_index), then the sources mixed by weight (weights are proportions of documents).
-Eval order: the held-out documents of each source in file order, concatenated, this
-process's share of them, once. Reading and tokenizing happen in grain map workers.
+repeated forever, then the sources mixed by weight (proportions of documents, or of tokens
+with data.mixture_unit=tokens). Eval order: the held-out documents of each source in file
+order, concatenated, once. Both are one global sequence, the same for every process count;
+streaming (hf) sources, which cannot be indexed, are read per process instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from maxtrain.data import config as C
 from maxtrain.data.formats import RecordEncoder, record_text
-from maxtrain.data.shuffle import EpochShuffleMapDataset
+from maxtrain.data.shuffle import BlockShuffleMapDataset, EpochShuffleMapDataset
 from maxtrain.data.sources import BadRecord, open_source
 from maxtrain.errors import UserError
 
@@ -39,7 +39,9 @@ def eval_mask(keys: np.ndarray, eval_fraction: float) -> np.ndarray:
 
 
 def split_indices(source, split: str, eval_fraction: float) -> np.ndarray:
-    """Indices of the source's documents that belong to `split` ("train" or "eval")."""
+    """Indices of the source's documents that belong to `split` ("train", "eval" or "all")."""
+    if split == "all":
+        return np.arange(len(source))
     held_out = eval_mask(source.doc_keys(), eval_fraction)
     return np.flatnonzero(held_out if split == "eval" else ~held_out)
 
@@ -90,18 +92,18 @@ def _random_access(source) -> bool:
     return hasattr(source, "doc_keys")
 
 
-def document_dataset(cfg: C.DataConfig, tokenizer, sources: list, *, split: str, seed: int,
-                     process_index: int, process_count: int) -> grain.IterDataset:
-    """The tokenized documents of `split` that this process reads, as a grain IterDataset."""
+def global_documents(cfg: C.DataConfig, tokenizer, sources: list, *, split: str, seed: int) -> grain.MapDataset:
+    """Every document of `split` as one global sequence, read and tokenized on access.
+
+    train: each source's documents shuffled (reshuffled every epoch), repeated forever, and
+    the sources mixed by weight (see mixture_weights); eval: the held-out documents of each
+    source in file order, one source after another. No process count enters: which process
+    reads which document is the batcher's business (see maxtrain.data.lanes).
+    """
     shares = []
     for i, source in enumerate(sources):
-        if not _random_access(source):
-            shares.append(source.dataset(split=split, eval_fraction=cfg.eval_fraction, seed=seed + i,
-                                         shuffle=cfg.shuffle, process_index=process_index,
-                                         process_count=process_count).map(ReadAndTokenize(None, tokenizer, cfg.format)))
-            continue
         indices = split_indices(source, split, cfg.eval_fraction)
-        if len(indices) == 0 and (split == "train" or len(sources) == 1):
+        if len(indices) == 0 and (split != "eval" or len(sources) == 1):
             raise UserError(
                 f"{source.description} has no {split} documents ({len(source)} in all, eval_fraction={cfg.eval_fraction}); "
                 f"add documents or change data.eval_fraction"
@@ -112,27 +114,65 @@ def document_dataset(cfg: C.DataConfig, tokenizer, sources: list, *, split: str,
                 # A per-source seed, so two sources of equal size are not shuffled alike.
                 ds = EpochShuffleMapDataset(ds, seed=seed * 1_000_003 + i)
             ds = ds.repeat()  # Infinite; the shuffle reshuffles each epoch.
-            ds = ds[process_index::process_count]
         shares.append(ds.map(ReadAndTokenize(source, tokenizer, cfg.format)))
+    if split != "train":
+        ds = grain.MapDataset.concatenate(shares) if len(shares) > 1 else shares[0]
+        if len(ds) == 0:
+            raise UserError(f"no documents are held out for eval (eval_fraction={cfg.eval_fraction}); raise data.eval_fraction or add documents")
+        return ds
+    if len(shares) == 1:
+        return shares[0]
+    mixed = grain.MapDataset.mix(shares, mixture_weights(cfg, shares))
+    return BlockShuffleMapDataset(mixed, seed=seed * 1_000_003 + len(shares)) if cfg.shuffle else mixed
 
-    if split == "eval":
-        if all(isinstance(s, grain.MapDataset) for s in shares):
-            ds = grain.MapDataset.concatenate(shares)
-            if len(ds) == 0:
-                raise UserError(f"no documents are held out for eval (eval_fraction={cfg.eval_fraction}); raise data.eval_fraction or add documents")
-            ds = ds[process_index::process_count]
-            if len(ds) == 0:
-                raise UserError(f"process {process_index} of {process_count} has no eval documents; lower the process count or raise data.eval_fraction")
-            return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
-        shares = [s.to_iter_dataset() if isinstance(s, grain.MapDataset) else s for s in shares]
-        return _concatenate_iter(shares)
 
+def mixture_weights(cfg: C.DataConfig, shares: list, sample: int = 256) -> list[float]:
+    """Proportions of documents to draw from each source.
+
+    data.mixture_unit=documents: the configured weights as they are. tokens: each weight
+    divided by the source's mean document length in tokens, measured on its first `sample`
+    (shuffled) train documents, so each source's share of tokens follows its weight.
+    """
     weights = [s.weight for s in cfg.sources]
-    if all(isinstance(s, grain.MapDataset) for s in shares):
-        mixed = grain.MapDataset.mix(shares, weights) if len(shares) > 1 else shares[0]
-        return mixed.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
-    shares = [s.to_iter_dataset() if isinstance(s, grain.MapDataset) else s for s in shares]
-    return grain.IterDataset.mix(shares, weights)
+    if cfg.mixture_unit == "documents":
+        return weights
+    means = []
+    for scfg, share, w in zip(cfg.sources, shares, weights):
+        lengths = [len(e["tokens"]) for e in (share[j] for j in range(sample)) if "tokens" in e]
+        means.append(float(np.mean(lengths)) if lengths else 1.0)
+    doc_weights = [w / m for w, m in zip(weights, means)]
+    log.info("token-weighted mixture: mean tokens per document %s -> document proportions %s",
+             [round(m, 1) for m in means], [round(d / sum(doc_weights), 4) for d in doc_weights])
+    return doc_weights
+
+
+def stream_documents(cfg: C.DataConfig, tokenizer, sources: list, *, split: str, seed: int,
+                     process_index: int, process_count: int) -> grain.IterDataset:
+    """This process's share of the documents when a source is a stream (hf): no random access.
+
+    Streams cannot be indexed, so each process reads its own share of each stream, and
+    its batches (unlike those of global_documents) depend on the process count.
+    """
+    shares = []
+    for i, source in enumerate(sources):
+        if not _random_access(source):
+            # A named validation set ("all") is every record: the eval split of a fraction of 1.
+            kw = dict(split="eval", eval_fraction=1.0) if split == "all" else dict(split=split, eval_fraction=cfg.eval_fraction)
+            shares.append(source.dataset(**kw, seed=seed + i,
+                                         shuffle=cfg.shuffle, process_index=process_index,
+                                         process_count=process_count).map(ReadAndTokenize(None, tokenizer, cfg.format)))
+            continue
+        indices = split_indices(source, split, cfg.eval_fraction)
+        ds = grain.MapDataset.source(indices)
+        if split == "train":
+            if cfg.shuffle:
+                ds = EpochShuffleMapDataset(ds, seed=seed * 1_000_003 + i)
+            ds = ds.repeat()
+        ds = ds[process_index::process_count]
+        shares.append(ds.map(ReadAndTokenize(source, tokenizer, cfg.format)).to_iter_dataset())
+    if split != "train":
+        return _concatenate_iter(shares)
+    return grain.IterDataset.mix(shares, [s.weight for s in cfg.sources])
 
 
 def _concatenate_iter(datasets: list) -> grain.IterDataset:

@@ -1,4 +1,8 @@
-"""Packing tokenized documents into fixed-length rows and batches, with exact resumable state.
+"""Packing a stream of tokenized documents into rows, for streaming (hf) sources.
+
+Random-access sources are batched lane by lane (maxtrain.data.lanes), which makes batches
+independent of the process count; a stream cannot be indexed, so each process packs its
+own share of it here, in the same row layout:
 
 Documents arrive as [BOS] + ids + [EOS] and are laid end to end; a document that does not fit
 in a row continues at the start of the next one, so no token is lost or repeated:
@@ -23,21 +27,10 @@ import logging
 import grain
 import numpy as np
 
+from maxtrain.data.lanes import empty_batch, write_piece
 from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.data")
-FIELDS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
-
-
-def empty_batch(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """A batch of padding only: pad tokens, zero weights, segment 0."""
-    return {
-        "tokens": np.full((rows, seq_len), pad_id, np.int32),
-        "targets": np.full((rows, seq_len), pad_id, np.int32),
-        "loss_weights": np.zeros((rows, seq_len), np.float32),
-        "segment_ids": np.zeros((rows, seq_len), np.int32),
-        "positions": np.zeros((rows, seq_len), np.int32),
-    }
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
@@ -91,15 +84,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
                             raise StopIteration
                         return batch  # The last partial batch, padded rather than dropped.
                 segment += 1
-                doc, start = self._doc, self._offset
-                n = min(self._seq_len - col, len(doc) - start)
-                targets = doc[start + 1 : start + n + 1]  # One short when the document ends here.
-                batch["tokens"][r, col : col + n] = doc[start : start + n]
-                batch["targets"][r, col : col + len(targets)] = targets
-                weights = 1.0 if self._weights is None else self._weights[start : start + len(targets)]
-                batch["loss_weights"][r, col : col + len(targets)] = weights
-                batch["segment_ids"][r, col : col + n] = segment
-                batch["positions"][r, col : col + n] = np.arange(n)
+                n = min(self._seq_len - col, len(self._doc) - self._offset)
+                write_piece(batch, r, col, segment, self._doc, self._weights, self._offset, n)
                 col += n
                 filled += n
                 self._offset += n

@@ -1,10 +1,13 @@
 """The public entry points: build the tokenizer, build the batch iterator, assemble global arrays.
 
-    sources -> split + shuffle + process share (documents.py) -> read + tokenize (grain
-    workers) -> pack rows and batch (packing.py) -> prefetch thread -> DataIterator
+    sources -> split + shuffle + mix: one global document sequence (documents.py) -> this
+    process's rows, lane by lane, read + tokenized on demand (lanes.py; worker processes
+    with data.workers) -> prefetch thread -> DataIterator
 
-DataIterator.get_state() is a small JSON-serializable dict; set_state() on an iterator built
-with the same arguments makes the following batches bitwise those of an uninterrupted run.
+Batch t is a function of the data config, the tokenizer, the seed and t: a process builds
+only its rows of it. DataIterator.get_state() is a small JSON-serializable dict; set_state()
+with the states of every process of a run (any process count) makes the following batches
+bitwise those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,16 +21,16 @@ from typing import Literal
 import grain
 import numpy as np
 
-from maxtrain.data.classification import RowBatchIterDataset
 from maxtrain.data.config import DataConfig
-from maxtrain.data.documents import document_dataset, open_sources, sample_texts
+from maxtrain.data.documents import global_documents, open_sources, sample_texts, stream_documents
+from maxtrain.data.lanes import LaneBatcher, merge_lane_states
 from maxtrain.data.packing import PackedBatchIterDataset
 from maxtrain.data.prefetch import PrefetchingIterator
 from maxtrain.data.tokenizer import Tokenizer, load_tokenizer, trained_tokenizer, training_sentences
 from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.data")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def build_tokenizer(cfg: DataConfig, *, vocab_size: int) -> Tokenizer:
@@ -51,20 +54,17 @@ def build_tokenizer(cfg: DataConfig, *, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _allow_grain_workers():
-    # Grain's worker processes read absl flags; outside an absl app nobody parsed them.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 class DataIterator:
-    """Local batches of this process: next() -> dict of numpy arrays; resumable via get/set_state."""
+    """Local batches of this process: next() -> dict of numpy arrays; resumable via get/set_state.
 
-    def __init__(self, dataset: grain.IterDataset, fingerprint: str, prefetch: int):
-        self._fingerprint = fingerprint
-        self._it = PrefetchingIterator(iter(dataset), prefetch)
+    kind: "lanes" (random-access sources: states of any process count merge) or "stream"
+    (hf sources: each process resumes its own share, so the process count must match).
+    """
+
+    def __init__(self, inner, fingerprint: str, prefetch: int, *, kind: str, process_index: int, process_count: int):
+        self._fingerprint, self._kind = fingerprint, kind
+        self._process = (process_index, process_count)
+        self._it = PrefetchingIterator(inner, prefetch)
 
     def __iter__(self):
         return self
@@ -73,24 +73,41 @@ class DataIterator:
         return next(self._it)
 
     def get_state(self) -> dict:
-        """A JSON-serializable dict naming the position of the next batch."""
-        return {"version": _STATE_VERSION, "fingerprint": self._fingerprint, "grain": self._it.get_state()}
+        """A JSON-serializable dict naming the position of the next batch (this process's rows)."""
+        return {"version": _STATE_VERSION, "fingerprint": self._fingerprint, "kind": self._kind,
+                "process": list(self._process), "inner": self._it.get_state()}
 
-    def set_state(self, state: dict) -> None:
-        """Continue from `state` (from get_state of an iterator built with the same arguments)."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise UserError("data iterator state is not from this maxtrain version; start the data from scratch")
-        if state.get("fingerprint") != self._fingerprint:
+    def set_state(self, state: dict | list[dict]) -> None:
+        """Continue from `state`: get_state() of an iterator built with the same arguments, or the
+        list of every process's state of a run (a checkpoint's), whatever its process count."""
+        states = state if isinstance(state, list) else [state]
+        for s in states:
+            if not isinstance(s, dict) or s.get("version") != _STATE_VERSION:
+                raise UserError("data iterator state is not from this maxtrain version; start the data from scratch")
+            if s.get("fingerprint") != self._fingerprint:
+                raise UserError(
+                    "data iterator state was saved with different data settings (data config, tokenizer, seq_len, "
+                    "global_batch or seed); restore with the same settings or start the data over"
+                )
+        if self._kind == "lanes":
+            self._it.set_state(merge_lane_states([s["inner"] for s in states]))
+            return
+        mine = [s for s in states if s["process"] == list(self._process)]
+        if not mine:
+            saved = states[0]["process"][1]
             raise UserError(
-                "data iterator state was saved with different data settings (data config, tokenizer, seq_len, "
-                "global_batch, seed, process count or workers); restore with the same settings or start the data over"
+                f"the data position of streaming (hf) sources was saved by {saved} processes and this run has "
+                f"{self._process[1]}; it cannot move to another process count"
             )
-        self._it.set_state(state["grain"])
+        self._it.set_state(mine[0]["inner"])
 
     @property
     def skipped_records(self) -> int:
         """Bad records skipped so far (on_bad_record: skip), over the whole run including restores."""
-        return self._it.get_state()["skipped"]
+        inner = self._it.get_state()
+        if self._kind == "lanes":
+            return sum(v[2] for v in inner["lanes"].values())
+        return inner["skipped"]
 
     def close(self) -> None:
         """Stop worker processes and threads (also done on garbage collection)."""
@@ -103,38 +120,61 @@ class DataIterator:
         self.close()
 
 
-def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "eval"], seq_len: int,
-                   global_batch: int, seed: int, process_index: int = 0, process_count: int = 1) -> DataIterator:
-    """An iterator of this process's local batches of `global_batch // process_count` packed rows.
-
-    Each batch holds tokens, targets, loss_weights, segment_ids and positions, [rows, seq_len]
-    (see maxtrain.data.packing). split="train" repeats forever, reshuffled each epoch;
-    split="eval" is the held-out documents once, in a fixed order, the last batch padded.
-    """
-    if split not in ("train", "eval"):
-        raise UserError(f"split must be 'train' or 'eval', not {split!r}")
-    if seq_len < 1 or global_batch < 1:
-        raise UserError(f"seq_len and global_batch must be positive (got {seq_len}, {global_batch})")
+def process_rows(global_batch: int, process_index: int = 0, process_count: int = 1) -> range:
+    """The rows of process `process_index` when each process holds an equal contiguous block."""
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} is not in [0, {process_count})")
     if global_batch % process_count:
         raise UserError(f"global_batch {global_batch} is not divisible by the {process_count} processes; make it a multiple")
+    per = global_batch // process_count
+    return range(process_index * per, (process_index + 1) * per)
+
+
+def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "eval", "all"], seq_len: int,
+                   global_batch: int, seed: int, rows=None, process_index: int = 0, process_count: int = 1) -> DataIterator:
+    """An iterator of this process's rows of each global batch of `global_batch` rows.
+
+    Each batch holds tokens, targets, loss_weights, segment_ids and positions, [rows, seq_len]
+    (see maxtrain.data.lanes), plus labels [rows] for classification. split="train" repeats
+    forever, reshuffled each epoch; split="eval" is the held-out documents once, in a fixed
+    order; split="all" is every document of the sources once (a named validation set).
+    rows: the global row numbers this process builds, in local order (see local_rows); None:
+    the process_index-th of process_count equal blocks.
+    """
+    if split not in ("train", "eval", "all"):
+        raise UserError(f"split must be 'train', 'eval' or 'all', not {split!r}")
+    if seq_len < 1 or global_batch < 1:
+        raise UserError(f"seq_len and global_batch must be positive (got {seq_len}, {global_batch})")
+    rows = list(process_rows(global_batch, process_index, process_count) if rows is None else rows)
     sources = open_sources(cfg, tok)
-    docs = document_dataset(cfg, tok, sources, split=split, seed=seed, process_index=process_index, process_count=process_count)
-    workers = cfg.workers
-    if workers and not all(hasattr(s, "doc_keys") for s in sources):
-        log.warning("data.workers=%d ignored: streaming (hf) sources tokenize in the main process", workers)
-        workers = 0
-    if workers:
-        _allow_grain_workers()
-        docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=16))
-    # Classification keeps one example per row (the head pools a row); other formats pack.
-    batcher = RowBatchIterDataset if cfg.format.type == "classification" else PackedBatchIterDataset
-    ds = batcher(docs, rows=global_batch // process_count, seq_len=seq_len, pad_id=tok.pad_id,
-                 skip_bad=cfg.on_bad_record == "skip")
-    settings = [cfg.model_dump(mode="json"), tok.identity, split, seq_len, global_batch, seed, process_index, process_count, workers]
+    # Loader knobs (workers, prefetch) change how fast batches come, never which: not in the fingerprint.
+    settings = [cfg.model_dump(mode="json", exclude={"workers", "prefetch"}), tok.identity, split, seq_len, global_batch, seed]
+    skip_bad = cfg.on_bad_record == "skip"
+    if all(hasattr(s, "doc_keys") for s in sources):
+        fill, labels = cfg.format.batching()
+        docs = global_documents(cfg, tok, sources, split=split, seed=seed)
+        inner = LaneBatcher(docs, global_batch=global_batch, rows=rows, seq_len=seq_len, pad_id=tok.pad_id, fill=fill,
+                            too_long=getattr(cfg.format, "too_long", "refuse"), skip_bad=skip_bad, labels=labels,
+                            workers=cfg.workers)
+        kind = "lanes"
+    else:
+        if process_count > 1:
+            log.warning("streaming (hf) sources are read per process: batches depend on the process count "
+                        "(`maxtrain data prepare` them into ArrayRecord for global batches)")
+        docs = stream_documents(cfg, tok, sources, split=split, seed=seed, process_index=process_index,
+                                process_count=process_count)
+        inner = PackedBatchIterDataset(docs, rows=len(rows), seq_len=seq_len, pad_id=tok.pad_id, skip_bad=skip_bad).__iter__()
+        settings += [process_index, process_count]
+        kind = "stream"
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return DataIterator(ds, fingerprint, cfg.prefetch)
+    return DataIterator(inner, fingerprint, cfg.prefetch, kind=kind, process_index=process_index, process_count=process_count)
+
+
+def local_rows(sharding, global_batch: int) -> np.ndarray:
+    """The global batch rows that this process's devices hold under `sharding`, ascending."""
+    index_map = sharding.addressable_devices_indices_map((global_batch, 1))
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in index_map.values()})
+    return np.unique(np.concatenate([np.arange(a, b) for a, b in spans]))
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict:

@@ -50,3 +50,43 @@ class EpochShuffleMapDataset(grain.MapDataset):
 
     def __str__(self) -> str:
         return f"EpochShuffleMapDataset(seed={self._seed})"
+
+
+class BlockShuffleMapDataset(grain.MapDataset):
+    """An infinite sequence permuted within consecutive blocks of `block` indices.
+
+    A weighted mix of sources interleaves them in a fixed pattern; read lane by lane (every
+    B-th index, see maxtrain.data.lanes) that pattern would give some rows one source only.
+    Permuting within blocks keeps each block's exact proportions and makes every lane a
+    random draw from the mix.
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, seed: int, block: int = 4096):
+        super().__init__(parent)
+        self._seed, self._block = seed % 2**32, block
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def _permuted(self, index: int) -> int:
+        b, i = divmod(index, self._block)
+        perm = self._perms.get(b)
+        if perm is None:
+            if len(self._perms) >= 64:  # lanes stay within a few blocks of each other
+                self._perms.pop(next(iter(self._perms)))
+            perm = self._perms[b] = np.random.default_rng([self._seed, b]).permutation(self._block).astype(np.int32)
+        return b * self._block + int(perm[i])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._permuted(index)]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_perms"] = {}
+        return state
+
+    def __str__(self) -> str:
+        return f"BlockShuffleMapDataset(seed={self._seed}, block={self._block})"

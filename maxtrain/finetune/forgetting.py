@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import jax
 
-from maxtrain.data import build_pipeline, make_global_batch
+from maxtrain.data import build_pipeline, local_rows
 from maxtrain.data.config import TextFormat
 from maxtrain.objectives import causal_lm_objective
 from maxtrain.step import build_eval_step
@@ -25,14 +25,13 @@ def build_forgetting_eval(cfg, exp, tokenizer) -> Callable[[Any], float] | None:
                    in_shardings=(exp.state_shardings.params, exp.batch_sharding))
 
     def loss(params) -> float:
-        total = weight = 0.0
+        from maxtrain.trainer import evaluate  # the trainer imports this module
+
         it = build_pipeline(data, tokenizer, split="eval", seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
-                            seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
+                            seed=cfg.seed, rows=local_rows(exp.batch_sharding, cfg.train.global_batch),
+                            process_index=jax.process_index(), process_count=jax.process_count())
         with it:
-            for _, local in zip(range(cfg.eval.batches), it):
-                sums = jax.device_get(step(params, make_global_batch(local, exp.batch_sharding)))
-                total += float(sums["loss_sum"])
-                weight += float(sums["weight"])
-        return total / max(weight, 1.0)
+            batches = None if cfg.eval.batches == "all" else cfg.eval.batches
+            return evaluate(exp, it, batches, step=step, params=params)["eval_loss"]
 
     return loss
