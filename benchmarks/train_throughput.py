@@ -171,6 +171,9 @@ def main() -> int:
     args = _parse()
     from maxtrain.metrics import peak_flops_total
 
+    # Measured first, on an idle host: timed after torch's steps, its still-spinning OpenMP
+    # workers slowed the probe, and a low peak had a d512 L8 shape report MFU 1.33.
+    peak = peak_flops_total(None)
     cfg, run_maxtrain, compile_s, memory, options, attention = _maxtrain_runner(args)
     run_hf = _hf_runner(cfg, args) if args.compare_hf else None
     # The maxtrain command runs with huge-page mallocs (maxtrain/hostmem.py); torch, as users
@@ -187,7 +190,6 @@ def main() -> int:
                 theirs_hugepages.append(_steady(run_hf, args.steps))
     tokens = args.batch * args.seq_len
     step_s = statistics.median(ours)
-    peak = peak_flops_total(None)
     result = {
         "preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": args.dtype,
         "docs_per_row": args.docs_per_row, "remat": args.remat, "overrides": args.overrides,
