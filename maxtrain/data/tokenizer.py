@@ -2,14 +2,18 @@
 optionally, Hugging Face tokenizer.json files.
 
 Sentencepiece models trained by maxtrain use fixed special ids: pad=0, unk=1, bos=2, eos=3,
-with byte fallback for bpe/unigram so no text is ever unknown. A loaded model keeps its own
-ids; if it has no pad piece, id 0 is used as pad (padding is always masked out of the loss).
+and are lossless: decode(encode(x)) == x for any text (newlines, indentation, tabs, runs of
+spaces, emoji), because they are trained without normalization or whitespace folding and
+with byte fallback for every model type, so no text is ever unknown. A loaded model keeps its
+own ids; if it has no pad piece, id 0 is used as pad (padding is always masked out of the
+loss). check_lossless tells a run when a loaded model is not lossless on its data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import os
 from typing import Iterable, Iterator, Protocol
@@ -19,8 +23,21 @@ from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.data")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-# The sentencepiece trainer skips longer lines; we cut instead, so no text is wasted.
+# The sentencepiece trainer skips longer sentences; we cut instead, so no text is wasted.
 _MAX_SENTENCE_CHARS = 4000
+# The four special pieces and the 256 byte pieces every model maxtrain trains holds.
+_FIXED_PIECES = 4 + 256
+# Why each setting: sentencepiece's defaults normalize (NFKC: "ﬁ" -> "fi"), fold whitespace
+# (newlines, tabs and runs of spaces -> one space) and give every text a dummy leading space.
+# That prefix round-trips one text but not id lists joined: decode(encode(a) + encode(b)) would
+# gain a space, and prompt/reply formats encode their parts apart. Whitespace-only pieces let
+# an indentation be one token; split_digits is the usual choice for LMs (costs 0.1% tokens).
+_LOSSLESS = dict(
+    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
+)
+# The documents check_lossless reads, and how much of each (a prefix is a fair sample).
+_CHECK_DOCS, _CHECK_CHARS = 256, 20_000
 
 
 class Tokenizer(Protocol):
@@ -49,11 +66,21 @@ class SentencePieceTokenizer:
         except (RuntimeError, TypeError) as e:
             raise UserError(f"{where} is not a sentencepiece model ({e}); pass a .model file") from None
         self.vocab_size = self._sp.get_piece_size()
+        self.unk_id = self._sp.unk_id()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise UserError(f"{where} has no BOS or EOS piece; train it with bos_id and eos_id set (e.g. 2 and 3)")
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
         self.identity = "sp:" + hashlib.sha256(model_bytes).hexdigest()[:12]
+
+    @property
+    def byte_fallback(self) -> bool:
+        """Whether text outside the vocabulary becomes byte pieces (True) or the unk id (False)."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self._bytes)
+        return proto.trainer_spec.byte_fallback
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (the packer adds them per document)."""
@@ -116,35 +143,52 @@ def load_tokenizer(path: str, *, bos: str | None = None, eos: str | None = None,
 
 
 def training_sentences(texts: Iterable[str], limit: int) -> Iterator[str]:
-    """Non-blank lines of `texts`, cut to the trainer's maximum length, at most `limit` of them."""
+    """Chunks of `texts` for the sentencepiece trainer, every character kept, up to `limit` lines.
+
+    A chunk is whole lines of one document, newlines and indentation included, at most
+    _MAX_SENTENCE_CHARS long (a longer line is cut), so the trainer sees (and learns pieces
+    for) newlines, indentation and blank lines. `limit` counts lines, blank ones too.
+    """
     n = 0
     for text in texts:
-        for line in text.splitlines():
-            line = line.strip()
+        chunk = ""
+        for line in text.splitlines(keepends=True):
             while line and n < limit:
-                yield line[:_MAX_SENTENCE_CHARS]
+                if len(chunk) + len(line) > _MAX_SENTENCE_CHARS and chunk:
+                    yield chunk
+                    chunk = ""
+                chunk += line[:_MAX_SENTENCE_CHARS]
                 line = line[_MAX_SENTENCE_CHARS:]
                 n += 1
             if n >= limit:
-                return
+                break
+        if chunk:
+            yield chunk
+        if n >= limit:
+            return
 
 
 def train_sentencepiece(sentences: Iterable[str], *, vocab_size: int, model_type: str) -> bytes:
-    """Serialized bytes of a sentencepiece model trained on `sentences`.
+    """Serialized bytes of a lossless sentencepiece model trained on `sentences`.
 
-    Special ids are pad=0, unk=1, bos=2, eos=3. bpe/unigram get byte fallback (256 byte
-    pieces), so they need vocab_size >= ~300; char models may end up smaller than asked.
+    Special ids are pad=0, unk=1, bos=2, eos=3, then (bpe, unigram) the 256 byte pieces and the
+    learned ones. bpe/unigram need vocab_size >= ~300. A char model lists its characters before
+    the byte pieces, so ordinary text gets small ids; vocab_size caps it, except that a size
+    with no room beside the 260 fixed pieces gives every character seen a piece.
     """
     import sentencepiece as spm
 
     sentences = list(sentences)
     if not sentences:
         raise UserError("no text to train the tokenizer on; point the sources (or --input) at text")
+    size = vocab_size
+    if model_type == "char" and vocab_size <= _FIXED_PIECES:
+        size = _FIXED_PIECES + len(set().union(*sentences))
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=out, vocab_size=vocab_size, model_type=model_type,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=model_type != "char",
+            sentence_iterator=iter(sentences), model_writer=out, vocab_size=size, model_type=model_type,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **_LOSSLESS,
             hard_vocab_limit=False, character_coverage=0.9995 if model_type != "char" else 1.0,
             num_threads=os.cpu_count() or 1, max_sentence_length=4 * _MAX_SENTENCE_CHARS,
             input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
@@ -152,25 +196,88 @@ def train_sentencepiece(sentences: Iterable[str], *, vocab_size: int, model_type
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(f"sentencepiece could not train a {vocab_size}-piece {model_type} model: {msg}; change the vocab size or give it more text") from None
-    return out.getvalue()
+    return _characters_before_bytes(out.getvalue()) if model_type == "char" else out.getvalue()
+
+
+def _characters_before_bytes(model: bytes) -> bytes:
+    """`model` with its byte pieces moved after its other pieces (ids are list positions).
+
+    Small test and toy models index a char tokenizer's characters with a vocabulary of a few
+    dozen; the rare byte pieces at the end keep those ids small.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model)
+    pieces = list(proto.pieces)
+    byte = pb.ModelProto.SentencePiece.BYTE
+    moved = pb.ModelProto()
+    moved.CopyFrom(proto)
+    del moved.pieces[:]
+    moved.pieces.extend(pieces[:4] + [p for p in pieces[4:] if p.type != byte] + [p for p in pieces[4:] if p.type == byte])
+    return moved.SerializeToString()
 
 
 def trained_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: str) -> SentencePieceTokenizer:
     """A sentencepiece tokenizer for `sentences`, trained once and then read from the cache.
 
-    The cache key hashes the sentences and the settings, so changed data retrains.
+    The cache key hashes the sentences and the settings, so changed data retrains; its version
+    (v2: lossless settings) keeps models trained by older maxtrain versions from being reused.
     """
     sentences = list(sentences)
-    h = hashlib.sha256(f"v1|{vocab_size}|{model_type}".encode())
+    h = hashlib.sha256(f"v2|{vocab_size}|{model_type}".encode())
     for s in sentences:
         h.update(s.encode("utf-8", "surrogatepass"))
         h.update(b"\n")
     path = cache_dir("tokenizers") / f"{model_type}-{vocab_size}-{h.hexdigest()[:16]}.model"
     if path.exists():
         return SentencePieceTokenizer(path.read_bytes(), where=str(path))
-    log.info("training a %d-piece %s tokenizer on %d lines", vocab_size, model_type, len(sentences))
+    log.info("training a %d-piece %s tokenizer on %d chunks of text", vocab_size, model_type, len(sentences))
     model = train_sentencepiece(sentences, vocab_size=vocab_size, model_type=model_type)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(model)
     os.replace(tmp, path)
     return SentencePieceTokenizer(model, where=str(path))
+
+
+def roundtrip_failures(tok: Tokenizer, texts: Iterable[str], *, max_docs: int = _CHECK_DOCS) -> tuple[int, int]:
+    """(documents whose decode(encode(text)) != text, documents checked) over the first
+    `max_docs` of `texts`, each cut to its first _CHECK_CHARS characters."""
+    failed = sampled = 0
+    for text in itertools.islice(texts, max_docs):
+        text = text[:_CHECK_CHARS]
+        failed += tok.decode(tok.encode(text)) != text
+        sampled += 1
+    return failed, sampled
+
+
+def check_lossless(tok: Tokenizer, texts: Iterable[str], *, where: str, max_docs: int = _CHECK_DOCS) -> float:
+    """The share of sampled `texts` that `tok` does not round-trip; logs one warning if any.
+
+    A sentencepiece model without byte fallback that turns sampled text into <unk> is a
+    UserError: that text would be lost from training and generation alike.
+    texts: documents of the run's training data; only the first `max_docs` are read.
+    where: the tokenizer's path, for the messages.
+    """
+    texts = [t[:_CHECK_CHARS] for t in itertools.islice(texts, max_docs)]
+    if isinstance(tok, SentencePieceTokenizer) and not tok.byte_fallback:
+        for text in texts:
+            if tok.unk_id in tok.encode(text):
+                bad = next((c for c in text if tok.unk_id in tok.encode(c)), text)
+                raise UserError(
+                    f"tokenizer {where} has no byte fallback and cannot encode {bad[:20]!r} in the training data, "
+                    f"so that text would be lost as <unk>; train a lossless one with `maxtrain tokenizer train` "
+                    f"(or unset data.tokenizer.path to train one per run)"
+                )
+    failed, sampled = roundtrip_failures(tok, texts, max_docs=max_docs)
+    if failed:
+        first = next(t for t in texts if tok.decode(tok.encode(t)) != t)
+        got = tok.decode(tok.encode(first))
+        at = next((i for i, (a, b) in enumerate(zip(first, got)) if a != b), min(len(first), len(got)))
+        log.warning(
+            "tokenizer %s is lossy: %d of %d sampled documents (%.1f%%) do not decode back to their text "
+            "(e.g. %r became %r); the model will never see or generate what is lost. Train a lossless one "
+            "with `maxtrain tokenizer train` (or unset data.tokenizer.path)",
+            where, failed, sampled, 100 * failed / sampled, first[at : at + 20], got[at : at + 20],
+        )
+    return failed / sampled if sampled else 0.0
