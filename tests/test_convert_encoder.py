@@ -135,7 +135,7 @@ def test_finetuned_encoder_exports_as_sequence_classification(preset, tmp_path):
     save_params(tmp_path / "mt", params, cfg=cfg)
     convert_to_hf(tmp_path / "mt", tmp_path / "hf")
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf_model).__name__ == ("Bert" if "bert" in preset and "roberta" not in preset else "Roberta") + "ForSequenceClassification"
+    assert type(hf_model).__name__ == ("Roberta" if "roberta" in preset else "Bert") + "ForSequenceClassification"
     tokens = rng.integers(5, 96, (2, 16))
     real = np.ones((2, 16), np.int32)
     real[0, 12:] = 0
@@ -173,3 +173,23 @@ def test_unsupported_bert_options_are_exit_2(bert_dir, tmp_path, capsys, change,
     err = _cli_error(capsys, "convert", "from-hf", str(bad), str(tmp_path / "out"))
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_original_bert_checkpoint_names_convert(bert_dir, tmp_path):
+    """Google's release names LayerNorm gamma / beta and carries the next-sentence head and tied decoder: same params."""
+    from safetensors.numpy import save_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(bert_dir, legacy)
+    tensors = {n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+               for n, t in safetensors_tensors(bert_dir).items()}  # fmt: skip
+    tensors["cls.seq_relationship.weight"] = np.zeros((2, SHAPE["hidden_size"]), np.float32)
+    tensors["cls.seq_relationship.bias"] = np.zeros((2,), np.float32)
+    tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"]
+    save_file(tensors, str(legacy / "model.safetensors"), metadata={"format": "pt"})
+    convert_from_hf(bert_dir, tmp_path / "a")
+    convert_from_hf(legacy, tmp_path / "b")
+    _, a = load_ours(tmp_path / "a")
+    _, b = load_ours(tmp_path / "b")
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

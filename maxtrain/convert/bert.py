@@ -21,6 +21,11 @@ from maxtrain.model.config import ModelConfig
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 _ACT_NAME = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 _CLASS = {"bert": "Bert", "roberta": "Roberta"}
+_REFUSED = (  # (config.json key, refused value, why)
+    ("is_decoder", True, "maxtrain converts bidirectional encoders only"),
+    ("add_cross_attention", True, "maxtrain converts bidirectional encoders only"),
+    ("tie_word_embeddings", False, "maxtrain's MLM head decodes with the word embedding (tied)"),
+)
 # Architectures whose tensors this layout covers (heads beyond these: token classification, QA, ... are refused).
 _HEADS = ("Model", "ForMaskedLM", "ForPreTraining", "ForSequenceClassification")
 
@@ -33,9 +38,9 @@ def model_config(kind: str):
     """config.json of a BERT / RoBERTa model -> ModelConfig fields (the heads' presence comes from from_tensors)."""
 
     def convert(hf: dict) -> dict:
-        for key, bad in (("is_decoder", True), ("add_cross_attention", True), ("tie_word_embeddings", False)):
+        for key, bad, why in _REFUSED:
             if hf.get(key) is bad:
-                raise UserError(f"config.json {key}={str(bad).lower()} is not supported for {kind}; maxtrain converts encoders with tied word embeddings")
+                raise UserError(f"config.json {key}={str(bad).lower()} is not supported for {kind}; {why}")
         pos_type = hf.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise UserError(f"config.json position_embedding_type={pos_type!r} is not supported; only 'absolute' positions convert")
@@ -83,7 +88,8 @@ def model_config(kind: str):
 
 def _names(kind: str) -> dict[str, str]:
     if kind == "bert":
-        return {"mlm": "cls.predictions.", "mlm_norm": "transform.LayerNorm", "mlm_dense": "transform.dense", "pooler": "bert.pooler.dense"}
+        return {"mlm": "cls.predictions.", "mlm_norm": "transform.LayerNorm", "mlm_dense": "transform.dense",
+                "pooler": "bert.pooler.dense"}  # fmt: skip
     return {"mlm": "lm_head.", "mlm_norm": "layer_norm", "mlm_dense": "dense", "pooler": "roberta.pooler.dense"}
 
 
@@ -94,7 +100,10 @@ def from_tensors(kind: str):
     def fields(hf: dict, shapes: dict) -> dict:
         mlm_head = f"{n['mlm']}{n['mlm_dense']}.weight" in shapes
         if kind == "roberta" and mlm_head and hf.get("hidden_act", "gelu") != "gelu":
-            raise UserError(f"config.json hidden_act={hf.get('hidden_act')!r}: RoBERTa's LM head always uses gelu, so this model cannot convert")
+            raise UserError(
+                f"config.json hidden_act={hf.get('hidden_act')!r}: RoBERTa's LM head always uses gelu, "
+                "so this model's MLM head cannot convert"
+            )
         # RoBERTa's classification head has its own dense layer; a pooler beside it is unused (transformers drops it too).
         pooler = f"{n['pooler']}.weight" in shapes and not (kind == "roberta" and _classifies(hf))
         return {"pooler": pooler, "mlm_head": mlm_head}
@@ -203,7 +212,8 @@ def exportable(kind: str):
         if kind == "roberta" and not cfg.position_offset:
             problems.append("roberta needs position_offset >= 1 (pad_token_id + 1)")
         if cfg.classifier is not None and cfg.classifier.pooling != "cls":
-            problems.append(f"its classifier pools '{cfg.classifier.pooling}'; {_CLASS[kind]}ForSequenceClassification needs pooling=cls")
+            head = f"{_CLASS[kind]}ForSequenceClassification"
+            problems.append(f"its classifier pools '{cfg.classifier.pooling}'; {head} needs finetune.classifier.pooling=cls")
         return problems
 
     return check
@@ -222,7 +232,10 @@ def _legacy_name(name: str) -> str:
 
 
 def _family(kind: str) -> Family:
-    heads = r"cls\.predictions\.decoder\.(weight|bias)|cls\.seq_relationship\..*" if kind == "bert" else r"lm_head\.decoder\.(weight|bias)"
+    if kind == "bert":
+        heads = r"cls\.predictions\.decoder\.(weight|bias)|cls\.seq_relationship\..*"
+    else:
+        heads = r"lm_head\.decoder\.(weight|bias)"
     return Family(
         name=kind,
         model_types=(kind,),
