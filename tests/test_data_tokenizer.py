@@ -50,9 +50,9 @@ def test_cli_tokenizer_train_each_model_type(tmp_path, capsys):
                     "--vocab-size", str(size), "--model-type", model_type, "--out", str(out)]) == 0
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         tok = load_tokenizer(str(out))
-        # A char model (byte fallback: 4 special + 256 byte pieces) asked for fewer pieces than
+        # A char model (byte fallback: 4 special + <mask> + 256 byte pieces) asked for fewer pieces than
         # that gets one piece per character seen.
-        expected = size if model_type != "char" else 4 + 256 + len(set(" ".join(words)))
+        expected = size if model_type != "char" else 4 + 1 + 256 + len(set(" ".join(words)))
         assert report["identity"] == tok.identity and tok.vocab_size <= expected
         assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
         assert tok.decode(tok.encode("gamma delta")) == "gamma delta"

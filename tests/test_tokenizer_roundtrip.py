@@ -4,6 +4,7 @@ gets one warning with the share of documents it loses, and one that turns text i
 (no byte fallback) is a UserError."""
 
 import hashlib
+import json
 import io
 import logging
 
@@ -172,3 +173,16 @@ def test_hf_tokenizer_that_drops_text_only_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="maxtrain.data"):
         assert check_lossless(tok, ["hello world", "hello  there"], where="tokenizer.json") == 0.5
     assert len(caplog.records) == 1 and "1 of 2 sampled documents (50.0%)" in caplog.records[0].getMessage()
+
+
+def test_a_run_with_such_a_tokenizer_stops_before_writing_anything(tmp_path, capsys):
+    from maxtrain.cli import main
+
+    path = lossy_model(tmp_path, model_type="char", vocab_size=200, byte_fallback=False, character_coverage=1.0)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": "Ω " + SAMPLES[0]}) + "\n")
+    run_dir = tmp_path / "run"
+    code = main(["train", "model=tiny-llama", f"run_dir={run_dir}", f"data.tokenizer.path={path}",
+                 f"data.sources=[{{type: jsonl, path: '{tmp_path}/data.jsonl'}}]", "data.eval_fraction=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "has no byte fallback and cannot encode 'Ω'" in err, err
+    assert not run_dir.exists()

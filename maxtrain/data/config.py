@@ -6,9 +6,9 @@ rejected (extra="forbid") so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Paths = Union[str, list[str]]
 
@@ -30,6 +30,7 @@ class TextSource(_Source):
     """Plain UTF-8 text files; `documents` says whether a file or a paragraph is a document."""
 
     type: Literal["text"] = "text"
+    records: ClassVar[bool] = False  # reads plain text from any source (not JSON records)
     path: Paths
     documents: Literal["per_file", "blank_lines"] = "per_file"
 
@@ -75,18 +76,29 @@ SourceConfig = Annotated[
 ]
 
 
-class TextFormat(BaseModel):
-    """Plain documents: [BOS] + text + [EOS], every token a target (pretraining)."""
+class _Format(BaseModel):
+    """What every data format declares: whether it reads JSON records, how it batches, and
+    what it does to each tokenized document (see maxtrain/data/formats.py, lanes.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["text"] = "text"
+    records: ClassVar[bool] = False  # True: reads JSONL records; False: plain text from any source
 
     def batching(self) -> tuple[str, bool]:
-        """(how a row is filled, whether batches carry labels): see maxtrain.data.lanes."""
+        """(how a lane fills a row: pack, whole or single; whether batches carry labels)."""
         return "pack", False
 
+    def document_transform(self, tok, seed: int):
+        """None, or (element, global document index) -> element, applied in the pipeline."""
+        return None
 
-class SftFormat(BaseModel):
+
+class TextFormat(_Format):
+    """Plain documents: [BOS] + text + [EOS], every token a target (pretraining)."""
+
+    type: Literal["text"] = "text"
+
+
+class SftFormat(_Format):
     """Instruction tuning from JSONL records: Alpaca {instruction, input, output} or chat {messages}.
 
     template: a chat template name (plain, llama3, chatml, mistral, alpaca) or auto (the one of
@@ -100,36 +112,69 @@ class SftFormat(BaseModel):
       bad record; refuse makes every too-long record a bad record. Both are counted in the log.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["sft"] = "sft"
+    records: ClassVar[bool] = True
     template: str = "auto"
     rows: Literal["whole", "split"] = "whole"
     too_long: Literal["truncate_prompt", "refuse"] = "truncate_prompt"
 
     def batching(self) -> tuple[str, bool]:
-        """(how a row is filled, whether batches carry labels): see maxtrain.data.lanes."""
         return ("whole" if self.rows == "whole" else "pack"), False
 
 
-class ClassificationFormat(BaseModel):
+class ClassificationFormat(_Format):
     """Sequence classification from JSONL {text, label}; one example per row, with `labels` [B].
 
     labels: label names in id order when the records hold names; None: records hold ids.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["classification"] = "classification"
+    records: ClassVar[bool] = True
     num_labels: int = Field(2, gt=1)
     labels: list[str] | None = None
     text_field: str = "text"
     label_field: str = "label"
 
     def batching(self) -> tuple[str, bool]:
-        """(how a row is filled, whether batches carry labels): one example per row, labelled."""
         return "single", True
 
 
-FormatConfig = Annotated[Union[TextFormat, SftFormat, ClassificationFormat], Field(discriminator="type")]
+class MlmFormat(_Format):
+    """Masked-LM pretraining text: [BOS/CLS] + ids + [EOS/SEP] per document, masked in the pipeline.
+
+    mask_prob of the non-special tokens are selected (at least one per document); of those,
+    mask_token_prob become the mask token, random_token_prob a random token and the rest
+    stay. Targets are the original ids at the same positions, weighted 1 on selected ones
+    only. The draw is a function of the seed and the document's place in the global
+    sequence: a document is masked afresh every epoch (dynamic masking), and a resumed run
+    masks exactly as an uninterrupted one. whole_word selects whole words (a token whose
+    piece does not start a word follows the one before). rows: pack lays documents end to
+    end (a long one continues in the next row); single puts one document per row, cut to it.
+    """
+
+    type: Literal["mlm"] = "mlm"
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    mask_token_prob: float = Field(0.8, ge=0.0, le=1.0)
+    random_token_prob: float = Field(0.1, ge=0.0, le=1.0)
+    whole_word: bool = False
+    rows: Literal["pack", "single"] = "pack"
+
+    @model_validator(mode="after")
+    def _split(self) -> "MlmFormat":
+        if self.mask_token_prob + self.random_token_prob > 1.0:
+            raise ValueError("mask_token_prob + random_token_prob must be at most 1 (the rest keep their token)")
+        return self
+
+    def batching(self) -> tuple[str, bool]:
+        return self.rows, False
+
+    def document_transform(self, tok, seed: int):
+        from maxtrain.data.mlm import MlmMasker  # the masking code, not a config concern
+
+        return MlmMasker(self, tok, seed)
+
+
+FormatConfig = Annotated[Union[TextFormat, SftFormat, ClassificationFormat, MlmFormat], Field(discriminator="type")]
 
 
 class TokenizerConfig(BaseModel):

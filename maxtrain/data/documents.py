@@ -69,7 +69,7 @@ class ReadAndTokenize:
 def open_sources(cfg: C.DataConfig, tokenizer=None) -> list:
     """The document sources of `cfg`, indexed; checks prepared data against the tokenizer."""
     sources = []
-    structured = cfg.format.type != "text"
+    structured = cfg.format.records
     for i, scfg in enumerate(cfg.sources):
         if structured and not isinstance(scfg, C.JsonlSource):
             raise UserError(f"data.format {cfg.format.type} reads JSONL records; data.sources[{i}] is {scfg.type}, use type: jsonl")

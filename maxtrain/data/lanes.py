@@ -48,13 +48,19 @@ def empty_batch(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     }
 
 
-def write_piece(batch: dict, r: int, col: int, segment: int, doc: np.ndarray, weights, start: int, n: int) -> None:
+def write_piece(batch: dict, r: int, col: int, segment: int, doc: np.ndarray, weights, start: int, n: int,
+                targets=None) -> None:
     """Write doc[start:start+n] into row r at col as segment `segment` (targets/weights aligned).
 
     weights: per-target weights of the whole document (weights[j] weighs predicting token
     j+1), or None for every target. The document's last token has no target.
+    targets: the document's own targets, one per token (masked LM: the original ids at the
+    same positions), with weights aligned to them; None: the next token.
     """
-    targets = doc[start + 1 : start + n + 1]  # one short when the document ends here
+    if targets is not None:
+        targets = targets[start : start + n]
+    else:
+        targets = doc[start + 1 : start + n + 1]  # one short when the document ends here
     batch["tokens"][r, col : col + n] = doc[start : start + n]
     batch["targets"][r, col : col + len(targets)] = targets
     batch["loss_weights"][r, col : col + len(targets)] = 1.0 if weights is None else weights[start : start + len(targets)]
@@ -131,16 +137,18 @@ class LaneBatcher:
     docs: a random-access sequence of tokenized documents ({"tokens", ["weights"|"label"]} or
       {"bad": (where, reason)}); len(docs) may be huge (infinite train streams).
     rows: the global row numbers (lanes) this process builds, in the order of its local batch.
+    transform: applied to each good document with its index in `docs` (deterministic per index).
     """
 
     def __init__(self, docs, *, global_batch: int, rows: Iterable[int], seq_len: int, pad_id: int,
                  fill: Fill = "pack", too_long: TooLong = "truncate_prompt", skip_bad: bool = False,
-                 labels: bool = False, workers: int = 0):
+                 labels: bool = False, workers: int = 0, transform=None):
         self._docs, self._n = docs, len(docs)
         self._b, self._rows, self._s, self._pad = global_batch, list(rows), seq_len, pad_id
         if not self._rows or not all(0 <= r < global_batch for r in self._rows):
             raise UserError(f"data rows {self._rows} are not within the global batch of {global_batch}")
         self._fill, self._too_long, self._skip_bad, self._labels = fill, too_long, skip_bad, labels
+        self._transform = transform  # (element, global document index) -> element, e.g. masked-LM masking
         self._fetch = _Fetcher(docs, workers)
         # Per lane: [document number in the lane, tokens of it used, bad records skipped, documents cut]
         self._lanes = {r: [0, 0, 0, 0] for r in self._rows}
@@ -171,6 +179,8 @@ class LaneBatcher:
         if "bad" in element:
             self._bad(*element["bad"], lane)
             return None
+        if self._transform is not None:
+            element = self._transform(element, i)
         if self._fill == "whole" and len(element["tokens"]) > self._s:
             cut = cut_prompt(element, self._s) if self._too_long == "truncate_prompt" else None
             if cut is None:
@@ -213,13 +223,13 @@ class LaneBatcher:
             element = self._element(r)
             if element is None:
                 break
-            doc, weights = element["tokens"], element.get("weights")
+            doc, weights, targets = element["tokens"], element.get("weights"), element.get("targets")
             if self._fill == "single":
                 n = min(len(doc), self._s)
                 if len(doc) > self._s:
                     lane[3] += 1
                     self._report_cut(lane)
-                write_piece(batch, i, 0, 1, doc, weights, 0, n)
+                write_piece(batch, i, 0, 1, doc, weights, 0, n, targets)
                 if self._labels:  # the label is the target: no token targets
                     batch["labels"][i] = element["label"]
                     batch["targets"][i], batch["loss_weights"][i] = self._pad, 0.0
@@ -230,7 +240,7 @@ class LaneBatcher:
             if self._fill == "whole" and n < len(doc):
                 break  # does not fit the rest of this row: it starts the next one
             segment += 1
-            write_piece(batch, i, col, segment, doc, weights, start, n)
+            write_piece(batch, i, col, segment, doc, weights, start, n, targets)
             col += n
             lane[1] += n
             if lane[1] >= len(doc):

@@ -26,7 +26,7 @@ from maxtrain.data.documents import global_documents, open_sources, sample_texts
 from maxtrain.data.lanes import LaneBatcher, merge_lane_states
 from maxtrain.data.packing import PackedBatchIterDataset
 from maxtrain.data.prefetch import PrefetchingIterator
-from maxtrain.data.tokenizer import Tokenizer, load_tokenizer, trained_tokenizer, training_sentences
+from maxtrain.data.tokenizer import Tokenizer, check_lossless, load_tokenizer, trained_tokenizer, training_sentences
 from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.data")
@@ -42,6 +42,9 @@ def build_tokenizer(cfg: DataConfig, *, vocab_size: int) -> Tokenizer:
     tcfg = cfg.tokenizer
     if tcfg.path is not None:
         tok = load_tokenizer(tcfg.path, bos=tcfg.bos_token, eos=tcfg.eos_token, pad=tcfg.pad_token)
+        # A user's own model may fold whitespace or lose characters: say so once (or stop, for
+        # text it cannot encode at all) rather than train on silently altered text.
+        check_lossless(tok, sample_texts(cfg, open_sources(cfg)), where=tcfg.path)
     else:
         sources = open_sources(cfg)
         sentences = training_sentences(sample_texts(cfg, sources), tcfg.train_sentences)
@@ -155,7 +158,7 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "
         docs = global_documents(cfg, tok, sources, split=split, seed=seed)
         inner = LaneBatcher(docs, global_batch=global_batch, rows=rows, seq_len=seq_len, pad_id=tok.pad_id, fill=fill,
                             too_long=getattr(cfg.format, "too_long", "refuse"), skip_bad=skip_bad, labels=labels,
-                            workers=cfg.workers)
+                            workers=cfg.workers, transform=cfg.format.document_transform(tok, seed))
         kind = "lanes"
     else:
         if process_count > 1:

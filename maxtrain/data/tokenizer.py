@@ -2,6 +2,7 @@
 optionally, Hugging Face tokenizer.json files.
 
 Sentencepiece models trained by maxtrain use fixed special ids: pad=0, unk=1, bos=2, eos=3,
+then <mask> (4, for masked LM; text that spells "<mask>" encodes to it),
 and are lossless: decode(encode(x)) == x for any text (newlines, indentation, tabs, runs of
 spaces, emoji), because they are trained without normalization or whitespace folding and
 with byte fallback for every model type, so no text is ever unknown. A loaded model keeps its
@@ -25,8 +26,12 @@ log = logging.getLogger("maxtrain.data")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # The sentencepiece trainer skips longer sentences; we cut instead, so no text is wasted.
 _MAX_SENTENCE_CHARS = 4000
-# The four special pieces and the 256 byte pieces every model maxtrain trains holds.
-_FIXED_PIECES = 4 + 256
+# The mask token (masked LM) every model maxtrain trains reserves, and the names looked for in
+# a loaded model (BERT's and RoBERTa's).
+MASK_PIECE = "<mask>"
+_MASK_NAMES = ("<mask>", "[MASK]")
+# The four special pieces, the mask and the 256 byte pieces every model maxtrain trains holds.
+_FIXED_PIECES = 4 + 1 + 256
 # Why each setting: sentencepiece's defaults normalize (NFKC: "ﬁ" -> "fi"), fold whitespace
 # (newlines, tabs and runs of spaces -> one space) and give every text a dummy leading space.
 # That prefix round-trips one text but not id lists joined: decode(encode(a) + encode(b)) would
@@ -71,7 +76,13 @@ class SentencePieceTokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise UserError(f"{where} has no BOS or EOS piece; train it with bos_id and eos_id set (e.g. 2 and 3)")
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+        masks = [self._sp.piece_to_id(n) for n in _MASK_NAMES]
+        self.mask_id = next((i for i in masks if i != self.unk_id), None)  # None: cannot train a masked LM
         self.identity = "sp:" + hashlib.sha256(model_bytes).hexdigest()[:12]
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece of id `i` ('▁' marks a space in pieces of models trained elsewhere)."""
+        return self._sp.id_to_piece(int(i))
 
     @property
     def byte_fallback(self) -> bool:
@@ -114,7 +125,12 @@ class HFTokenizer:
             raise UserError(f"{where}: set data.tokenizer.bos_token and eos_token to tokens it contains (e.g. '<s>', '</s>')")
         self.bos_id, self.eos_id = ids[0], ids[1]
         self.pad_id = ids[2] if ids[2] is not None else 0
+        self.mask_id = next((i for i in (self._tok.token_to_id(n) for n in _MASK_NAMES) if i is not None), None)
         self.identity = "hf:" + hashlib.sha256(json_text.encode()).hexdigest()[:12]
+
+    def id_to_piece(self, i: int) -> str:
+        """The token string of id `i`."""
+        return self._tok.id_to_token(int(i)) or ""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens."""
@@ -171,7 +187,7 @@ def training_sentences(texts: Iterable[str], limit: int) -> Iterator[str]:
 def train_sentencepiece(sentences: Iterable[str], *, vocab_size: int, model_type: str) -> bytes:
     """Serialized bytes of a lossless sentencepiece model trained on `sentences`.
 
-    Special ids are pad=0, unk=1, bos=2, eos=3, then (bpe, unigram) the 256 byte pieces and the
+    Special ids are pad=0, unk=1, bos=2, eos=3, <mask>=4, then (bpe, unigram) the 256 byte pieces and the
     learned ones. bpe/unigram need vocab_size >= ~300. A char model lists its characters before
     the byte pieces, so ordinary text gets small ids; vocab_size caps it, except that a size
     with no room beside the 260 fixed pieces gives every character seen a piece.
@@ -188,7 +204,7 @@ def train_sentencepiece(sentences: Iterable[str], *, vocab_size: int, model_type
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=out, vocab_size=size, model_type=model_type,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **_LOSSLESS,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=[MASK_PIECE], **_LOSSLESS,
             hard_vocab_limit=False, character_coverage=0.9995 if model_type != "char" else 1.0,
             num_threads=os.cpu_count() or 1, max_sentence_length=4 * _MAX_SENTENCE_CHARS,
             input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
@@ -222,10 +238,10 @@ def trained_tokenizer(sentences: Iterable[str], *, vocab_size: int, model_type: 
     """A sentencepiece tokenizer for `sentences`, trained once and then read from the cache.
 
     The cache key hashes the sentences and the settings, so changed data retrains; its version
-    (v2: lossless settings) keeps models trained by older maxtrain versions from being reused.
+    (v3: lossless settings and a <mask> piece) keeps models trained by older versions from being reused.
     """
     sentences = list(sentences)
-    h = hashlib.sha256(f"v2|{vocab_size}|{model_type}".encode())
+    h = hashlib.sha256(f"v3|{vocab_size}|{model_type}".encode())  # v3: lossless, with <mask>
     for s in sentences:
         h.update(s.encode("utf-8", "surrogatepass"))
         h.update(b"\n")
