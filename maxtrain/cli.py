@@ -36,12 +36,23 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     summary = train(cfg)
     if summary.get("preempted"):
         return EXIT_PREEMPTED
-    logging.getLogger("maxtrain").info(
-        "done: eval_loss %.4f -> %.4f (unigram entropy %.4f); %.0f tokens/s, MFU %.3f",
-        summary.get("first_eval_loss", float("nan")), summary.get("final_eval_loss", float("nan")),
-        summary["unigram_entropy"], summary.get("tokens_per_s", float("nan")), summary.get("mfu", float("nan")),
-    )  # fmt: skip
+    logging.getLogger("maxtrain").info("done: %s", done_line(summary))
     return 0
+
+
+def done_line(summary: dict) -> str:
+    """The run's summary in one line, with only what was measured (a one-step run times no steady step)."""
+    parts = []
+    if "final_eval_loss" in summary:
+        parts.append(f"eval_loss {summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
+    elif "final_loss" in summary:
+        parts.append(f"loss {summary['final_loss']:.4f}")
+    parts.append(f"unigram entropy {summary['unigram_entropy']:.4f}")
+    if "tokens_per_s" in summary:
+        parts.append(f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.3f}")
+    else:
+        parts.append("no throughput (it needs two timed steps; the first one compiles)")
+    return "; ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:

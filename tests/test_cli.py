@@ -93,3 +93,12 @@ def test_bad_prompts_file_is_one_line(content, expected, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_done_line_of_a_one_step_run_says_what_it_has():
+    from maxtrain.cli import done_line
+
+    line = done_line({"unigram_entropy": 5.7, "final_loss": 6.9, "first_eval_loss": 7.0, "final_eval_loss": 6.8})
+    assert line == "eval_loss 7.0000 -> 6.8000; unigram entropy 5.7000; no throughput (it needs two timed steps; the first one compiles)"
+    full = done_line({"unigram_entropy": 5.7, "first_eval_loss": 7.0, "final_eval_loss": 6.8, "tokens_per_s": 3600, "mfu": 0.6})
+    assert full.endswith("3600 tokens/s, MFU 0.600") and "nan" not in line + full

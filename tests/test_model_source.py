@@ -11,7 +11,7 @@ from maxtrain.cli import main
 from maxtrain.errors import UserError
 
 ARGS = ["model=tiny-llama", "model.vocab_size=1024", "train.seq_len=32", "train.global_batch=8", "log.every=1",
-        "eval.every=2", "eval.batches=1", "optimizer.warmup_steps=1", "steps=2", "checkpoint.every=1"]  # fmt: skip
+        "eval.every=2", "eval.batches=1", "optimizer.warmup_steps=1", "steps=4", "checkpoint.every=2"]  # fmt: skip
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")  # one device, fast compile
 
 
@@ -22,26 +22,41 @@ def _warnings(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 2-step tiny run with checkpoints at steps 1 and 2, trained by a real `maxtrain train` process."""
+    """A 4-step tiny run with checkpoints at steps 2 and 4, trained by a real `maxtrain train` process."""
     run_dir = tmp_path_factory.mktemp("source") / "run"
     cmd = [sys.executable, "-m", "maxtrain.cli", "train", *ARGS, f"run_dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _warnings(proc.stderr) == [], proc.stderr[-3000:]
+    (run_dir / "train.stderr").write_text(proc.stderr)
     return run_dir
+
+
+def test_train_log_and_summary_have_no_nan(run):
+    """Step 1 has no throughput yet (its time includes compilation): it reports none rather than nan."""
+    import json
+
+    log = (run / "train.stderr").read_text()
+    assert "nan" not in log.lower().replace("nans", ""), log[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and "tokens_per_s" not in train[0]
+    timed = [r for r in train if "tokens_per_s" in r]
+    assert timed[-1]["step"] == 4 and all(0 < r["tokens_per_s"] and 0 < r["mfu"] <= 1 for r in timed)
+    assert "nan" not in (run / "summary.json").read_text().lower()
 
 
 def test_resolver_kinds_and_tokenizers(run, tmp_path):
     from maxtrain.checkpoint.commands import export_params
 
     latest = resolve_model(run)
-    assert (latest.kind, latest.params_dir.parent.name, latest.run_dir) == ("run", "2", run)
-    step = resolve_model(run / "checkpoints" / "1")
+    assert (latest.kind, latest.params_dir.parent.name, latest.run_dir) == ("run", "4", run)
+    step = resolve_model(run / "checkpoints" / "2")
     assert (step.kind, step.run_dir, step.tokenizer_file()) == ("step", run, run / "tokenizer.model")
-    export_params(str(run / "checkpoints" / "1"), str(tmp_path / "export"))
+    export_params(str(run / "checkpoints" / "2"), str(tmp_path / "export"))
     exported = resolve_model(tmp_path / "export")
     assert (exported.kind, exported.tokenizer_file()) == ("export", tmp_path / "export" / "tokenizer.model")
-    assert exported.metadata()["step"] == 1
+    assert exported.metadata()["step"] == 2
     # an export of an export keeps the weights and the tokenizer
     export_params(str(tmp_path / "export"), str(tmp_path / "again"))
     assert resolve_model(tmp_path / "again").tokenizer().identity == latest.tokenizer().identity
@@ -61,13 +76,13 @@ def test_a_path_that_is_no_model_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_generate_from_run_step_and_export_alike_without_warnings(run, tmp_path):
-    """Run dir (newest = step 2), its step dir and an export of it give the same greedy completion."""
+    """Run dir (newest = step 4), its step dir and an export of it give the same greedy completion."""
     from maxtrain.checkpoint.commands import export_params
 
     export_params(str(run), str(tmp_path / "export"))
     prompt = "The list"
     base = [sys.executable, "-m", "maxtrain.cli", "generate", "--prompt", prompt, "--max-new-tokens", "6"]
-    paths = [run, run / "checkpoints" / "2", tmp_path / "export"]
+    paths = [run, run / "checkpoints" / "4", tmp_path / "export"]
     procs = [subprocess.Popen(base + ["--checkpoint", str(p)] + (["--echo"] if p == run else []), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=ENV) for p in paths]  # fmt: skip
     results = [p.communicate(timeout=300) for p in procs]
