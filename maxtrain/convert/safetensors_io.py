@@ -134,13 +134,27 @@ class SafetensorsReader:
 
     def _add_file(self, path: Path) -> set[str]:
         header, data_start = read_header(path)
-        names = set()
+        names, data_end = set(), data_start
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            begin, end = entry["data_offsets"]
-            self.tensors[name] = TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
+            try:
+                begin, end = (int(x) for x in entry["data_offsets"])
+                info = TensorInfo(name, path, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), data_start + begin, data_start + end)
+            except (TypeError, ValueError, KeyError) as e:
+                raise UserError(f"'{path}' has a malformed header entry for tensor {name} ({type(e).__name__}: {e}); re-download it") from None
+            if not data_start <= info.start <= info.end:
+                raise UserError(f"'{path}' gives tensor {name} the byte range {begin}..{end}, which is not a range; re-download it")
+            self.tensors[name] = info
             names.add(name)
+            data_end = max(data_end, info.end)
+        # Checked up front: a memory map past the end fails deep inside numpy, after output was written.
+        size = path.stat().st_size
+        if size < data_end:
+            raise UserError(
+                f"'{path}' is truncated: its header describes {data_end} bytes but the file has {size} "
+                f"({data_end - size} missing); the download or copy was cut short, fetch it again"
+            )
         return names
 
     def info(self, name: str) -> TensorInfo:
