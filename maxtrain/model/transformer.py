@@ -30,7 +30,10 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); post-norm (BERT): norm(x + attn(x)), norm(x + mlp(x))."""
+    """Residual block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Post-norm (BERT, RoBERTa): norm(x + attn(x)), then norm(x + mlp(x)), with the same norm names.
+    """
 
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
