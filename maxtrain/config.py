@@ -106,7 +106,7 @@ class TrainConfig(BaseModel):
     xla_options: dict[str, str | bool | int | float] | None = None
     # causal_lm: next token on every weighted target; sft: the same loss on response tokens only
     # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.
-    objective: Literal["causal_lm", "sft", "classification"] = "causal_lm"
+    objective: Literal["causal_lm", "sft", "classification", "masked_lm"] = "causal_lm"
 
 
 class EvalSet(BaseModel):

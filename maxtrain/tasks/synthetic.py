@@ -112,7 +112,7 @@ def _cmd_make(ns) -> int:
 
 
 def register_commands(sub) -> None:
-    """Add `maxtrain tasks make OUT_DIR` to the CLI."""
+    """Add `maxtrain tasks make OUT_DIR` and `maxtrain tasks word-order OUT_DIR` to the CLI."""
     from maxtrain.errors import UserError
 
     p = sub.add_parser("tasks", help="built-in synthetic task suites: maxtrain tasks make OUT_DIR")
@@ -134,3 +134,22 @@ def register_commands(sub) -> None:
             raise UserError(f"{e}; ask for fewer --train/--eval records") from None
 
     make.set_defaults(func=run)
+
+    order = tsub.add_parser("word-order", help="write a text classification pair: corpus sentences as written or with two words swapped")
+    order.add_argument("out", help="output directory")
+    order.add_argument("--train", type=int, default=4000)
+    order.add_argument("--eval", type=int, default=400)
+    order.add_argument("--seed", type=int, default=0)
+
+    def run_order(ns):
+        from maxtrain.tasks.word_order import write_word_order
+
+        try:
+            paths = write_word_order(ns.out, train=ns.train, eval=ns.eval, seed=ns.seed)
+        except ValueError as e:
+            raise UserError(f"{e}; ask for fewer --train/--eval records") from None
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+
+    order.set_defaults(func=run_order)

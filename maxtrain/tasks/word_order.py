@@ -1,0 +1,77 @@
+"""A text-classification task from the embedded corpus: is this sentence in its original word order?
+
+Label 1: a sentence as written; label 0: the same sentence with two of its words swapped.
+Both are lower-cased at the start and lose the final period, so neither end gives the
+answer away, and both have the same bag of words: only word order tells them apart,
+knowledge a language model pretrained on
+the corpus has and a randomly initialised one must learn from the labelled examples alone,
+which makes the task a measure of transfer (README "Masked-LM pretraining").
+Held-out sentences come from other documents than training ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(texts, *, min_words: int = 8, max_words: int = 24) -> list[str]:
+    """Prose sentences of min..max words (no code lines), one line each, in corpus order."""
+    out = []
+    for text in texts:
+        for paragraph in re.split(r"\n\s*\n", text):
+            if paragraph.startswith((" ", "\t", ">>>")):
+                continue  # indented code and examples
+            for s in _SENTENCE.split(" ".join(paragraph.split())):
+                words = s.split()
+                if min_words <= len(words) <= max_words and s[:1].isupper() and s.endswith("."):
+                    out.append(s)
+    return out
+
+
+def _plain(sentence: str) -> str:
+    return (sentence[:1].lower() + sentence[1:]).removesuffix(".")
+
+
+def _swapped(rng: random.Random, sentence: str) -> str:
+    words = sentence.split()
+    while True:
+        i, j = rng.sample(range(len(words)), 2)
+        if words[i] != words[j]:
+            words[i], words[j] = words[j], words[i]
+            return " ".join(words)
+
+
+def word_order_records(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records {text, label}, balanced; eval sentences come from other documents."""
+    from maxtrain.data.embedded import embedded_documents
+
+    docs = [text for _, text in embedded_documents()]
+    rng = random.Random(seed)
+    rng.shuffle(docs)
+    cut = len(docs) // 5  # a fifth of the documents give the held-out sentences
+    pools = {"eval": list(dict.fromkeys(sentences(docs[:cut]))), "train": list(dict.fromkeys(sentences(docs[cut:])))}
+    out = {}
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        pool = pools[split]
+        if len(pool) < n:
+            raise ValueError(f"the corpus has {len(pool)} {split} sentences, fewer than {n}")
+        picked = rng.sample(pool, n)
+        out[split] = [{"text": _plain(s), "label": 1} if i % 2 == 0 else {"text": _swapped(rng, _plain(s)), "label": 0}
+                      for i, s in enumerate(picked)]  # fmt: skip
+    return out["train"], out["eval"]
+
+
+def write_word_order(out_dir: str | Path, *, train: int, eval: int, seed: int = 0) -> dict[str, Path]:
+    """Write word_order_train.jsonl / word_order_eval.jsonl under out_dir; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, recs in zip(("word_order_train", "word_order_eval"), word_order_records(train, eval, seed)):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
