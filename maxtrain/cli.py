@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval_commands(sub)
     register_task_commands(sub)
+    from maxtrain.fillmask import register_commands as register_fill_mask_commands
+
+    register_fill_mask_commands(sub)
     from maxtrain.plots import register_commands as register_plot_commands
 
     register_plot_commands(sub)

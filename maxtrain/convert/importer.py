@@ -59,9 +59,11 @@ def tokenizer_metadata(hf_dir: Path, hf: dict, add_bos_default: bool) -> dict:
     gen = read_json(hf_dir / "generation_config.json", "") if (hf_dir / "generation_config.json").is_file() else {}
     eos = gen.get("eos_token_id", hf.get("eos_token_id"))
     meta = {
-        "bos_token": _token_name(tc.get("bos_token")),
-        "eos_token": _token_name(tc.get("eos_token")),
+        # Encoders (BERT) have [CLS] ... [SEP] where decoders have BOS ... EOS: the same roles here.
+        "bos_token": _token_name(tc.get("bos_token") or tc.get("cls_token")),
+        "eos_token": _token_name(tc.get("eos_token") or tc.get("sep_token")),
         "pad_token": _token_name(tc.get("pad_token")),
+        "mask_token": _token_name(tc.get("mask_token")),
         "bos_token_id": gen.get("bos_token_id", hf.get("bos_token_id")),
         "eos_token_id": [eos] if isinstance(eos, int) else (eos or []),
         "pad_token_id": gen.get("pad_token_id", hf.get("pad_token_id")),
