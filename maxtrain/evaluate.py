@@ -141,13 +141,35 @@ def evaluate_task(cfg, data: str, *, params: str | None = None, max_new_tokens: 
     return result
 
 
-def _cmd_eval(ns: argparse.Namespace) -> int:
+def _eval_config(ns: argparse.Namespace, checkpoint: str | None):
+    """The run config: CONFIG [overrides] when given, else the one the checkpoint was trained with."""
     from maxtrain.cli import _split_config_and_overrides
     from maxtrain.config import load_config
 
-    path, overrides = _split_config_and_overrides(ns.args)
-    cfg = load_config(path, overrides)
-    result = evaluate_task(cfg, ns.data, params=ns.params, max_new_tokens=ns.max_new_tokens, limit=ns.limit)
+    if ns.args or checkpoint is None:
+        path, overrides = _split_config_and_overrides(ns.args)
+        return load_config(path, overrides)
+    from maxtrain.checkpoint.commands import run_config_of
+    from maxtrain.checkpoint.source import resolve_model
+
+    return run_config_of(resolve_model(checkpoint).metadata())
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from maxtrain.scoring import data_kind, score_checkpoint
+
+    checkpoint = ns.checkpoint or ns.params
+    kind = data_kind(ns.data, ns.perplexity)
+    if kind != "task":  # log-likelihood scoring needs only the model: no config
+        if checkpoint is None:
+            checkpoint = _params_path(_eval_config(ns, None), None)
+        result = score_checkpoint(checkpoint, ns.data, kind=kind, limit=ns.limit, delimiter=ns.delimiter)
+        if ns.out:
+            Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "loglikelihoods"}))
+        return 0
+    cfg = _eval_config(ns, checkpoint)
+    result = evaluate_task(cfg, ns.data, params=checkpoint, max_new_tokens=ns.max_new_tokens, limit=ns.limit)
     for ex in result.get("examples", [])[:3]:
         log.info("example: %r -> %r (reference %r)", ex["prompt"], ex["reply"], ex["reference"])
     log.info("accuracy %.3f on %d records (%s)%s", result["accuracy"], result["count"], result["params"],
@@ -160,12 +182,17 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 def register_commands(sub) -> None:
     """Add `maxtrain eval` to the CLI."""
-    p = sub.add_parser("eval", help="task accuracy: maxtrain eval CONFIG [key=value ...] --data FILE.jsonl",
-                       description="Exact-match accuracy of greedy replies (data.format sft) or head accuracy "
-                                   "(classification) on a JSONL file.")
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value")
-    p.add_argument("--data", required=True, help="JSONL: {instruction, input, output}, {messages}, or {text, label}")
-    p.add_argument("--params", help="export, checkpoint step dir or run dir (default: run_dir, else init_from)")
+    p = sub.add_parser("eval", help="evaluate a model: maxtrain eval [CONFIG] --checkpoint RUN --data FILE",
+                       description="Multiple-choice accuracy ({context, choices, label} JSONL: acc, acc_norm), "
+                                   "perplexity (a .txt file or {text} JSONL: loss, perplexity, bits per byte), "
+                                   "exact match of greedy replies (sft records) or head accuracy (classification).")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
+                   help="sft / classification: the run config (default: the checkpoint's own)")
+    p.add_argument("--data", required=True, help="JSONL {context, choices, label} | .txt or {text} | sft records | {text, label}")
+    p.add_argument("--checkpoint", help="run dir (newest checkpoint), checkpoint step dir or export")
+    p.add_argument("--params", help="the same as --checkpoint (default: the config's run_dir, else init_from)")
+    p.add_argument("--perplexity", action="store_true", help="score --data as held-out text, whatever its format")
+    p.add_argument("--delimiter", default=" ", help="multiple choice: put between context and choice (lm-eval's default)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--out", help="also write the result (with examples) to this JSON file")
