@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                       # the demo shape (d256 L4 V4096 S256 B8, f32)
     python benchmarks/train_throughput.py --compare-hf          # + transformers LlamaForCausalLM / torch AdamW
     python benchmarks/train_throughput.py --preset llama3.2-1b --seq-len 2048 --batch 8 --dtype bfloat16 train.loss_chunk=512
+    python benchmarks/train_throughput.py --mlm --compare-hf    # masked LM: demo-bert (V4096 S256 B8) vs BertForMaskedLM
 
 On a GPU with --compare-hf, give each framework part of the memory:
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 (JAX otherwise takes 75% at start).
@@ -49,8 +50,14 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--docs-per-row", type=int, default=1,
                    help="documents packed per row (segment ids): >1 times the masked attention of packed data")
     p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--mlm", action="store_true",
+                   help="masked-LM step (objective masked_lm, 15%% of positions weighted; default preset demo-bert); "
+                        "--compare-hf then times transformers' BertForMaskedLM")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides, e.g. model.num_layers=2")
-    return p.parse_intermixed_args()  # overrides may come before or after the options
+    args = p.parse_intermixed_args()  # overrides may come before or after the options
+    if args.mlm and args.preset == "demo":
+        args.preset = "demo-bert"
+    return args
 
 
 def _maxtrain_runner(args):
@@ -58,7 +65,8 @@ def _maxtrain_runner(args):
     from maxtrain.experiment import build_experiment
 
     # The demo preset at vocab 4096 is the issue's reference shape (d256 L4 H4 ff1024 V4096).
-    shape = ["model.vocab_size=4096"] if args.preset == "demo" else []
+    shape = ["model.vocab_size=4096"] if args.preset in ("demo", "demo-bert") else []
+    shape += ["train.objective=masked_lm"] if args.mlm else []
     overrides = [
         f"model={args.preset}", *shape, f"train.seq_len={args.seq_len}", f"train.global_batch={args.batch}",
         f"train.compute_dtype={args.dtype}", f"train.remat={args.remat}", "mesh.data=1", "mesh.fsdp=-1",
@@ -78,6 +86,8 @@ def _maxtrain_runner(args):
         "segment_ids": np.broadcast_to(segment_ids, (args.batch, args.seq_len)).copy(),
         "positions": np.broadcast_to(positions, (args.batch, args.seq_len)).copy(),
     }  # fmt: skip
+    if args.mlm:  # BERT's objective: the original tokens at 15% of the positions
+        local.update(targets=tokens[:, :-1], loss_weights=mlm_weights(args).astype(np.float32))
     batch = jax.device_put(local, exp.batch_sharding)
     t0 = time.perf_counter()
     compiled = exp.train_step.lower(exp.state, batch).compile()
@@ -98,30 +108,53 @@ def _maxtrain_runner(args):
     return cfg, run, compile_s, memory, xla_options(exp.mesh, cfg.train.xla_options), exp.model.attention_kernel
 
 
-def _hf_runner(cfg, args):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def mlm_weights(args) -> np.ndarray:
+    """The benchmark's masked positions: the same 15% for both stacks."""
+    return np.random.default_rng(1).random((args.batch, args.seq_len)) < 0.15
+
+
+def _hf_model(cfg, args):
+    """(transformers model class, config) of the benchmarked shape."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
-    hf_cfg = LlamaConfig(
+    if args.mlm:
+        return BertForMaskedLM, BertConfig(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads, max_position_embeddings=max(args.seq_len, m.max_seq_len),
+            type_vocab_size=max(m.type_vocab_size, 1), layer_norm_eps=m.norm_eps, hidden_act="gelu",
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # maxtrain's stack has no dropout
+            attn_implementation="sdpa",
+        )  # fmt: skip
+    return LlamaForCausalLM, LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head,
         max_position_embeddings=max(args.seq_len, 128), rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
         attn_implementation="sdpa",
     )  # fmt: skip
+
+
+def _hf_runner(cfg, args):
+    import torch
+
+    m = cfg.model
+    model_cls, hf_cfg = _hf_model(cfg, args)
     gpu = jax.devices()[0].platform == "gpu"
     device = torch.device("cuda" if gpu else "cpu")
     bf16 = args.dtype == "bfloat16"
     # On GPU both stacks train the same way: f32 master weights, bf16 autocast compute, fused
     # AdamW (HF Trainer's bf16=True with adamw_torch_fused). On CPU the model runs in the dtype.
-    model = LlamaForCausalLM(hf_cfg).to(device, torch.float32 if gpu or not bf16 else torch.bfloat16).train()
+    model = model_cls(hf_cfg).to(device, torch.float32 if gpu or not bf16 else torch.bfloat16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=gpu)
     tokens = torch.randint(0, m.vocab_size, (args.batch, args.seq_len), device=device)
+    labels = tokens
+    if args.mlm:
+        labels = torch.where(torch.from_numpy(mlm_weights(args)).to(device), tokens, -100)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=gpu and bf16)
 
     def one_step():
         with autocast:
-            loss = model(input_ids=tokens, labels=tokens).loss
+            loss = model(input_ids=tokens, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -191,7 +224,7 @@ def main() -> int:
     tokens = args.batch * args.seq_len
     step_s = statistics.median(ours)
     result = {
-        "preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": args.dtype,
+        "preset": args.preset, "objective": cfg.train.objective, "seq_len": args.seq_len, "batch": args.batch, "dtype": args.dtype,
         "docs_per_row": args.docs_per_row, "remat": args.remat, "overrides": args.overrides,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
