@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     from maxtrain.plots import register_commands as register_plot_commands
 
     register_plot_commands(sub)
+    from maxtrain.harness import register_commands as register_harness_commands
+
+    register_harness_commands(sub)
     return parser
 
 
