@@ -1,5 +1,6 @@
 """Any run is a model: generate / export take a run dir, a step dir or an export alike, and print no warnings."""
 
+import json
 import os
 import subprocess
 import sys
@@ -34,8 +35,6 @@ def run(tmp_path_factory):
 
 def test_train_log_and_summary_have_no_nan(run):
     """Step 1 has no throughput yet (its time includes compilation): it reports none rather than nan."""
-    import json
-
     log = (run / "train.stderr").read_text()
     assert "nan" not in log.lower().replace("nans", ""), log[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -92,3 +91,16 @@ def test_generate_from_run_step_and_export_alike_without_warnings(run, tmp_path)
     echoed, from_step, from_export = (out.rstrip("\n") for out, _ in results)
     assert from_step == from_export and from_step.strip()  # completion only, the same params
     assert echoed == prompt + from_step  # --echo: prompt, then the completion
+
+
+def test_convert_to_hf_from_run_step_and_export_ships_the_tokenizer(run, tmp_path):
+    """`convert to-hf` of a run dir, a step dir and an export (of `maxtrain export`) alike, tokenizer included."""
+    from maxtrain.checkpoint.commands import export_params
+    from maxtrain.convert import convert_to_hf
+
+    export_params(str(run), str(tmp_path / "export"))
+    for name, path in [("run", run), ("step", run / "checkpoints" / "2"), ("export", tmp_path / "export")]:
+        out = tmp_path / f"hf_{name}"
+        convert_to_hf(path, out)
+        assert (out / "tokenizer.model").read_bytes() == (run / "tokenizer.model").read_bytes(), name
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
