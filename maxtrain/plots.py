@@ -70,6 +70,7 @@ def draw_curves(runs: dict[str, str | Path]):
     runs: {label: run dir}. Line labels say what is drawn, e.g. "loss", "eval_loss/wiki".
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
+    from matplotlib.ticker import MaxNLocator
 
     data = {label: read_series(d) for label, d in runs.items()}
     fig = Figure(figsize=(11, 7.5), layout="constrained")
@@ -86,6 +87,7 @@ def draw_curves(runs: dict[str, str | Path]):
                     ax.plot(steps, values, color=colour, linewidth=1.2, label=name)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -94,7 +96,7 @@ def draw_curves(runs: dict[str, str | Path]):
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     if len(data) == 1:
-        fig.suptitle(next(iter(runs.values())).__str__())
+        fig.suptitle(str(next(iter(runs.values()))))
     return fig
 
 
