@@ -47,15 +47,15 @@ class _Progress:
             return
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            rate = {"tok_s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **rate)
             return
         done = max(step - self.first, 1)
         eta = (time.perf_counter() - self.t0) / done * (self.total - step)
-        log.info(
-            "step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f mfu %.3f eta %.0fs",
-            step, self.total, record["loss"], record["lr"], record["grad_norm"],
-            record["tokens_per_s"], record["mfu"], eta,
-        )  # fmt: skip
+        # No throughput before a second step has been timed (the first includes compilation).
+        rate = f" tokens/s {record['tokens_per_s']:.0f} mfu {record['mfu']:.3f}" if "tokens_per_s" in record else ""
+        log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f%s eta %.0fs",
+                 step, self.total, record["loss"], record["lr"], record["grad_norm"], rate, eta)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -204,10 +204,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if writer is not None:
             writer.write(record)
 
-    def report(pending, rate: float) -> dict[str, Any]:
-        """Fetch a finished step's metrics, add throughput, write and show them."""
+    def report(pending, rate: float | None) -> dict[str, Any]:
+        """Fetch a finished step's metrics, add throughput (None: none measured yet), write and show them."""
         record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
-        record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
+        if rate is not None:
+            record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
         emit(record)
         progress.update(pending[0], record)
         return record
@@ -216,7 +217,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         # A checkpoint at step N must never be newer than the metrics: emit step N's record
         # now (it would come one step late), so a resumed run neither repeats nor skips it.
         if pending is not None and pending[0] % cfg.log.every == 0:
-            report(pending, rates[-1] if rates else float("nan"))
+            report(pending, rates[-1] if rates else None)
 
     last_eval: dict[int, float] = {}
 
@@ -260,7 +261,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 if pending[0] > last_step:
                     rates.append((pending[0] - last_step) * tokens_per_step / (now - last_time))
                     last_time, last_step = now, pending[0]
-                report(pending, rates[-1] if rates else float("nan"))
+                report(pending, rates[-1] if rates else None)
             pending = (step, metrics)
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
                 run_eval(step)
@@ -276,7 +277,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 summary.update(preempted=True, checkpoint_step=step)
                 break
         if pending is not None:
-            summary["final_loss"] = report(pending, float(np.median(rates)) if rates else float("nan"))["loss"]
+            summary["final_loss"] = report(pending, float(np.median(rates)) if rates else None)["loss"]
         if start >= cfg.steps:
             log.info("run already complete at step %d (raise steps to continue it, or --fresh to start over)", start)
         elif not preempted:
@@ -294,4 +295,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if writer is not None:
         writer.close()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from maxtrain.plots import write_curves
+
+        write_curves(run_dir)  # RUN_DIR/curves.png; one log line instead when matplotlib is missing
     return summary

@@ -157,12 +157,14 @@ def convert_to_hf(
     an encoder with a head exports as ...ForSequenceClassification (its MLM head left out).
     Stored leaves are read one layer slice at a time, so memory stays a few HF tensors.
     """
-    from maxtrain.checkpoint.params import model_config_of, read_metadata, resolve_params_dir
+    from maxtrain.checkpoint.params import model_config_of, read_metadata
+    from maxtrain.checkpoint.source import resolve_model
 
     meta = read_metadata(checkpoint)
     model_cfg = model_config_of(meta)
-    if dtype is None:
-        dtype = (meta.get("source") or {}).get("dtype", "float32")
+    if dtype is None:  # an HF import records {"dtype": ...} as its source; `maxtrain export` the path it read
+        origin = meta.get("source")
+        dtype = origin.get("dtype", "float32") if isinstance(origin, dict) else "float32"
     if dtype not in _DTYPES:
         raise UserError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     if peft_adapter is not None and model_cfg.lora is None:
@@ -173,7 +175,7 @@ def convert_to_hf(
         from maxtrain.convert.peft import write_peft_adapter
 
         write_peft_adapter(adapters, model_cfg.lora, base_cfg, peft_adapter, base_model=str(Path(out_dir).absolute()), dtype=_DTYPES[dtype])
-    _, meta_dir = resolve_params_dir(checkpoint)
-    tok_dir = meta_dir if (meta_dir / "maxtrain.json").is_file() else None
+    source = resolve_model(checkpoint)  # a run's tokenizer lies in the run dir, an export's next to its params
+    tok_dir = source.meta_dir if source.kind == "export" else source.run_dir
     with big_buffers_mmapped():
         return export_to_hf(unflatten(flat), base_cfg, out_dir, dtype=dtype, meta=meta, meta_dir=tok_dir, max_shard_bytes=max_shard_bytes)
