@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from maxtrain.fillmask import register_commands as register_fill_mask_commands
 
     register_fill_mask_commands(sub)
+    from maxtrain.chat import register_commands as register_chat_commands
+
+    register_chat_commands(sub)
     from maxtrain.plots import register_commands as register_plot_commands
 
     register_plot_commands(sub)

@@ -73,6 +73,24 @@ class OptimizerConfig(BaseModel):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
+class PreferenceConfig(BaseModel):
+    """Knobs of the preference objectives (maxtrain/objectives_preference.py).
+
+    dpo: loss sigmoid (DPO), ipo or hinge; beta the KL strength; label_smoothing the share of
+      flipped labels (conservative DPO, sigmoid loss). reference: adapters_off (LoRA runs: the
+      base is the params with the adapters switched off, no second copy of the weights) or
+      precomputed (ref_chosen_logps / ref_rejected_logps in the records, no extra pass).
+    reward: center_rewards adds this x mean (r_chosen + r_rejected)^2 (keeps rewards near 0).
+    """
+
+    model_config = _FROZEN
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reference: Literal["adapters_off", "precomputed"] = "adapters_off"
+    center_rewards: float = Field(0.0, ge=0)
+
+
 class TrainConfig(BaseModel):
     """What the jitted step needs: batch geometry, precision, accumulation, remat, objective."""
 
@@ -106,7 +124,10 @@ class TrainConfig(BaseModel):
     xla_options: dict[str, str | bool | int | float] | None = None
     # causal_lm: next token on every weighted target; sft: the same loss on response tokens only
     # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.
-    objective: Literal["causal_lm", "sft", "classification", "masked_lm"] = "causal_lm"
+    # reward: a Bradley-Terry reward model on preference pairs (a one-label finetune.classifier);
+    # dpo: direct preference optimisation against a frozen reference (see train.preference).
+    objective: Literal["causal_lm", "sft", "classification", "masked_lm", "reward", "dpo"] = "causal_lm"
+    preference: PreferenceConfig = PreferenceConfig()
 
 
 class EvalSet(BaseModel):
@@ -328,12 +349,17 @@ def _one_line(err: ValidationError) -> str:
 
 
 def _resolve_chat_template(tree: dict[str, Any]) -> None:
-    """`data.format.template: auto` becomes the chat template of the model family (see data/formats.py)."""
-    fmt = (tree.get("data") or {}).get("format") if isinstance(tree.get("data"), dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") == "sft" and fmt.get("template", "auto") == "auto":
+    """`data.format.template: auto` becomes the tokenizer's own chat template ("model") when its
+    tokenizer_config.json has one, else the built-in template of the model family (data/formats.py)."""
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    fmt = data.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("sft", "preference", "prompts") and fmt.get("template", "auto") == "auto":
         from maxtrain.data.formats import FAMILY_TEMPLATES
+        from maxtrain.data.tokenizer import chat_template_near
 
-        fmt["template"] = FAMILY_TEMPLATES.get(tree["model"].get("family", "llama"), "plain")
+        path = (data.get("tokenizer") or {}).get("path") if isinstance(data.get("tokenizer"), dict) else None
+        own = chat_template_near(path) if path else None
+        fmt["template"] = "model" if own else FAMILY_TEMPLATES.get(tree["model"].get("family", "llama"), "plain")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

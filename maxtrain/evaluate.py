@@ -135,7 +135,7 @@ def evaluate_task(cfg, data: str, *, params: str | None = None, max_new_tokens: 
 
             gen = Generator(finetuned_model_config(cfg), exp.state.params, mesh=exp.mesh, rules=cfg.mesh.rules,
                             dtype=compute_dtype(cfg.train.compute_dtype))
-            result = exact_match(gen, tok, records, template_for(fmt.template, cfg.model.family),
+            result = exact_match(gen, tok, records, template_for(fmt.template, cfg.model.family, tok),
                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
     result["params"] = str(path)
     return result

@@ -254,6 +254,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         from maxtrain.checkpoint.source import resolve_model
 
         resolve_model(ns.checkpoint).require_tokenizer()  # raises, naming where it looked
+    if not generator.cfg.causal:
+        raise UserError("this model is an encoder (model.causal: false) and cannot generate text; use `maxtrain fill-mask`")
     eos, pad, add_bos = special_ids(tokenizer, meta)
     ids = [([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(p) for p in prompts]
     outputs = []

@@ -91,6 +91,14 @@ class _Format(BaseModel):
         """None, or (element, global document index) -> element, applied in the pipeline."""
         return None
 
+    def batch_fields(self) -> tuple[str, ...]:
+        """Extra per-token float32 fields every batch of this format carries (0 on padding)."""
+        return ()
+
+    def record_encoder(self, tok, family: str | None = None):
+        """None (formats.RecordEncoder's own encoding), or a picklable (record, where) -> element."""
+        return None
+
 
 class TextFormat(_Format):
     """Plain documents: [BOS] + text + [EOS], every token a target (pretraining)."""
@@ -101,8 +109,9 @@ class TextFormat(_Format):
 class SftFormat(_Format):
     """Instruction tuning from JSONL records: Alpaca {instruction, input, output} or chat {messages}.
 
-    template: a chat template name (plain, llama3, chatml, mistral, alpaca) or auto (the one of
-      model.family; see maxtrain/data/formats.py). Loss weights are 1 on assistant replies
+    template: model (the tokenizer's own jinja chat_template from its tokenizer_config.json), a
+      built-in template name (plain, llama3, chatml, mistral, alpaca) or auto (the tokenizer's
+      own when it has one, else model.family's; see maxtrain/data/formats.py). Loss weights are 1 on assistant replies
       (with their end-of-turn text and EOS) and 0 on everything else.
     rows: whole keeps every record inside one row (records are packed while they fit; the
       rest of a row is padding); split lets a record continue in the next row, as text does
@@ -174,7 +183,40 @@ class MlmFormat(_Format):
         return MlmMasker(self, tok, seed)
 
 
-FormatConfig = Annotated[Union[TextFormat, SftFormat, ClassificationFormat, MlmFormat], Field(discriminator="type")]
+class PreferenceFormat(_Format):
+    """Preference pairs from JSONL {prompt, chosen, rejected} (strings or chat messages) or
+    {chosen: [messages], rejected: [messages]} (TRL's conventions; see maxtrain/data/preference.py).
+
+    Each record is one element holding prompt+chosen and prompt+rejected as two segments of
+    one row (never split across rows or microbatches); only the replies carry loss weight.
+    Batches gain `sequence_margin` and `reference_logps` (per-sequence values on each
+    sequence's last token). template: as for sft. too_long: a pair longer than a row loses
+    shared-prompt tokens from the left, then both replies are cut from the right to a common
+    length (truncate_prompt; counted in the log), or is a bad record (refuse).
+    """
+
+    type: Literal["preference"] = "preference"
+    records: ClassVar[bool] = True
+    template: str = "auto"
+    too_long: Literal["truncate_prompt", "refuse"] = "truncate_prompt"
+
+    def batching(self) -> tuple[str, bool]:
+        return "whole", False
+
+    def batch_fields(self) -> tuple[str, ...]:
+        from maxtrain.data.preference import SEQUENCE_FIELDS
+
+        return SEQUENCE_FIELDS
+
+    def record_encoder(self, tok, family: str | None = None):
+        from maxtrain.data.preference import PreferenceEncoder  # the encoding code, not a config concern
+
+        return PreferenceEncoder(self, tok, family)
+
+
+FormatConfig = Annotated[
+    Union[TextFormat, SftFormat, ClassificationFormat, MlmFormat, PreferenceFormat], Field(discriminator="type")
+]
 
 
 class TokenizerConfig(BaseModel):

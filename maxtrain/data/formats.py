@@ -14,6 +14,7 @@ Malformed records come back as {"bad": (where, reason)} like any other bad recor
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,102 @@ class ChatTemplate:
         prefix, suffix = getattr(self, role)
         return prefix.replace("{role}", role), suffix
 
+    def encode(self, messages: list[dict], tok, *, add_generation_prompt: bool = False):
+        """(tokens, trained): [BOS] + turns; trained marks assistant content, suffix and the EOS after it.
+
+        Each piece is tokenized on its own, so the boundary between prompt and response never
+        merges into one token and masking stays exact.
+        """
+        ids, trained = [tok.bos_id], [False]
+        for m in messages:
+            prefix, suffix = self.turn(m["role"])
+            is_reply = m["role"] == "assistant"
+            for text, weight in ((prefix, False), (m["content"], is_reply), (suffix, is_reply)):
+                piece = tok.encode(text) if text else []
+                ids += piece
+                trained += [weight] * len(piece)
+            if is_reply:
+                ids.append(tok.eos_id)
+                trained.append(True)
+        if add_generation_prompt:
+            prefix = self.turn("assistant")[0]
+            ids += tok.encode(prefix) if prefix else []
+            trained += [False] * (len(ids) - len(trained))
+        return np.asarray(ids, np.int32), np.asarray(trained, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class JinjaChatTemplate:
+    """A model's own chat template: the jinja `chat_template` of its tokenizer_config.json.
+
+    Rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and
+    lstrip_blocks; messages, add_generation_prompt, bos_token, eos_token, raise_exception).
+    Loss masks come from rendering growing prefixes of the conversation: an assistant turn's
+    trained text is what its message adds after the generation prompt of the turns before
+    it (its content and end-of-turn), so any template that renders a conversation as the
+    concatenation of its turns masks exactly.
+    """
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+    name: str = "model"
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """The template's text for `messages`."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _compiled(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as e:
+            raise UserError(f"the model's chat template failed on a conversation ({e}); fix the record or set data.format.template") from None
+
+    def encode(self, messages: list[dict], tok, *, add_generation_prompt: bool = False):
+        """(tokens, trained) of the rendered conversation; trained marks each assistant turn's text."""
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                prompt = self.render(messages[:i], add_generation_prompt=True)
+                pieces.append((_after(prompt, done), False))
+                done = prompt
+            text = self.render(messages[: i + 1])
+            pieces.append((_after(text, done), m["role"] == "assistant"))
+            done = text
+        if add_generation_prompt:
+            pieces.append((_after(self.render(messages, add_generation_prompt=True), done), False))
+        ids: list[int] = []
+        trained: list[bool] = []
+        for text, weight in pieces:
+            piece = tok.encode(text) if text else []
+            ids += piece
+            trained += [weight] * len(piece)
+        return np.asarray(ids, np.int32), np.asarray(trained, bool)
+
+
+def _after(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise UserError("the model's chat template does not render a conversation as the concatenation of its turns, "
+                        "so reply masks cannot be found; set data.format.template to a built-in template")
+    return text[len(prefix) :]
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(source: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise UserError(f"the model's chat template is not valid jinja ({e}); fix tokenizer_config.json or set data.format.template") from None
+
 
 _HEADER = ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>")
 _CHATML = ("<|im_start|>{role}\n", "<|im_end|>\n")
@@ -51,13 +148,26 @@ FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "chatml", "qwen3": "chatml", "mi
 ROLES = ("system", "user", "assistant")
 
 
-def template_for(name: str, family: str | None = None) -> ChatTemplate:
-    """The chat template `name`, or for name="auto" the one of the model family (plain if unknown)."""
+def template_for(name: str, family: str | None = None, tok=None) -> ChatTemplate | JinjaChatTemplate:
+    """The chat template `name`: "model" is the tokenizer's own (tokenizer_config.json's
+    chat_template), "auto" that one when the tokenizer has it, else the model family's
+    built-in template (plain if unknown); other names are built-in templates."""
+    own = getattr(tok, "chat_template", None)
+    if name == "model" or (name == "auto" and own):
+        if not own:
+            raise UserError("data.format.template is 'model' but the tokenizer has no chat_template (tokenizer_config.json); "
+                            f"use a built-in one: {', '.join(TEMPLATES)}")
+        return JinjaChatTemplate(own, bos_token=_token_text(tok, tok.bos_id), eos_token=_token_text(tok, tok.eos_id))
     if name == "auto":
         name = FAMILY_TEMPLATES.get(family or "", "plain")
     if name not in TEMPLATES:
-        raise UserError(f"unknown chat template {name!r}; use one of: auto, {', '.join(TEMPLATES)}")
+        raise UserError(f"unknown chat template {name!r}; use one of: auto, model, {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def _token_text(tok, i: int) -> str:
+    piece = getattr(tok, "id_to_piece", None)
+    return piece(i) if piece is not None else ""
 
 
 def record_messages(record: Any) -> list[dict] | str:
@@ -83,28 +193,9 @@ def record_messages(record: Any) -> list[dict] | str:
     return "expected {instruction, input, output} (Alpaca) or {messages: [...]} (chat)"
 
 
-def render_chat(messages: list[dict], tok, template: ChatTemplate, *, add_generation_prompt: bool = False):
-    """(tokens, trained) int32/bool arrays: [BOS] + turns; trained marks assistant content, suffix and EOS.
-
-    Each piece is tokenized on its own, so the boundary between prompt and response never
-    merges into one token and masking stays exact.
-    """
-    ids, trained = [tok.bos_id], [False]
-    for m in messages:
-        prefix, suffix = template.turn(m["role"])
-        is_reply = m["role"] == "assistant"
-        for text, weight in ((prefix, False), (m["content"], is_reply), (suffix, is_reply)):
-            piece = tok.encode(text) if text else []
-            ids += piece
-            trained += [weight] * len(piece)
-        if is_reply:
-            ids.append(tok.eos_id)
-            trained.append(True)
-    if add_generation_prompt:
-        prefix = template.turn("assistant")[0]
-        ids += tok.encode(prefix) if prefix else []
-        trained += [False] * (len(ids) - len(trained))
-    return np.asarray(ids, np.int32), np.asarray(trained, bool)
+def render_chat(messages: list[dict], tok, template, *, add_generation_prompt: bool = False):
+    """(tokens, trained) int32/bool arrays of a conversation; trained marks what the model learns (replies)."""
+    return template.encode(messages, tok, add_generation_prompt=add_generation_prompt)
 
 
 def prompt_and_reference(record: Any, tok, template: ChatTemplate) -> tuple[np.ndarray, str] | str:
@@ -123,7 +214,9 @@ class RecordEncoder:
 
     def __init__(self, fmt, tok, family: str | None = None):
         self._fmt, self._tok = fmt, tok
-        self._template = template_for(fmt.template, family) if isinstance(fmt, C.SftFormat) else None
+        own = getattr(fmt, "record_encoder", None)
+        self._own = own(tok, family) if own is not None else None  # a format with its own encoder (preference)
+        self._template = template_for(fmt.template, family, tok) if isinstance(fmt, C.SftFormat) else None
         if isinstance(fmt, C.ClassificationFormat) and fmt.labels:
             self._label_ids = {name: i for i, name in enumerate(fmt.labels)}
         else:
@@ -131,6 +224,8 @@ class RecordEncoder:
 
     def __call__(self, record: Any, where: str) -> dict:
         fmt, tok = self._fmt, self._tok
+        if self._own is not None:
+            return self._own(record, where)
         if isinstance(fmt, C.SftFormat):
             messages = record_messages(record)
             if isinstance(messages, str):

@@ -79,6 +79,7 @@ class SentencePieceTokenizer:
         masks = [self._sp.piece_to_id(n) for n in _MASK_NAMES]
         self.mask_id = next((i for i in masks if i != self.unk_id), None)  # None: cannot train a masked LM
         self.identity = "sp:" + hashlib.sha256(model_bytes).hexdigest()[:12]
+        self.chat_template: str | None = None  # a model's own jinja template (load_tokenizer reads it)
 
     def id_to_piece(self, i: int) -> str:
         """The piece of id `i` ('▁' marks a space in pieces of models trained elsewhere)."""
@@ -102,10 +103,11 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def __getstate__(self):
-        return {"model_bytes": self._bytes}
+        return {"model_bytes": self._bytes, "chat_template": getattr(self, "chat_template", None)}
 
     def __setstate__(self, state):
         self.__init__(state["model_bytes"])
+        self.chat_template = state.get("chat_template")
 
 
 class HFTokenizer:
@@ -127,6 +129,7 @@ class HFTokenizer:
         self.pad_id = ids[2] if ids[2] is not None else 0
         self.mask_id = next((i for i in (self._tok.token_to_id(n) for n in _MASK_NAMES) if i is not None), None)
         self.identity = "hf:" + hashlib.sha256(json_text.encode()).hexdigest()[:12]
+        self.chat_template: str | None = None  # a model's own jinja template (load_tokenizer reads it)
 
     def id_to_piece(self, i: int) -> str:
         """The token string of id `i`."""
@@ -141,21 +144,48 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
     def __getstate__(self):
-        return {"json_text": self._json, "names": self._names}
+        return {"json_text": self._json, "names": self._names, "chat_template": getattr(self, "chat_template", None)}
 
     def __setstate__(self, state):
         bos, eos, pad = state["names"]
         self.__init__(state["json_text"], bos=bos, eos=eos, pad=pad)
+        self.chat_template = state.get("chat_template")
 
 
 def load_tokenizer(path: str, *, bos: str | None = None, eos: str | None = None, pad: str | None = None) -> Tokenizer:
-    """The tokenizer stored at `path`: a sentencepiece .model, or a tokenizer.json."""
+    """The tokenizer stored at `path`: a sentencepiece .model, or a tokenizer.json.
+
+    Its `chat_template` is the jinja template of a tokenizer_config.json beside it (None: none).
+    """
     if not is_remote(path) and not os.path.isfile(os.path.expanduser(path)):
         raise UserError(f"tokenizer {path!r} does not exist; fix data.tokenizer.path or train one with `maxtrain tokenizer train`")
     data = read_bytes(os.path.expanduser(path) if not is_remote(path) else path)
     if path.endswith(".json"):
-        return HFTokenizer(data.decode("utf-8"), bos=bos, eos=eos, pad=pad, where=path)
-    return SentencePieceTokenizer(data, where=path)
+        tok = HFTokenizer(data.decode("utf-8"), bos=bos, eos=eos, pad=pad, where=path)
+    else:
+        tok = SentencePieceTokenizer(data, where=path)
+    tok.chat_template = chat_template_near(path)
+    return tok
+
+
+def chat_template_near(path: str) -> str | None:
+    """The `chat_template` of the tokenizer_config.json next to a local tokenizer file, or None.
+
+    A list of named templates (transformers' format for several) gives its "default" one.
+    """
+    import json
+
+    if is_remote(path):
+        return None
+    config = os.path.join(os.path.dirname(os.path.expanduser(path)), "tokenizer_config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def training_sentences(texts: Iterable[str], limit: int) -> Iterator[str]:
