@@ -171,12 +171,27 @@ class EvalConfig(BaseModel):
         return sets
 
 
+class WandbConfig(BaseModel):
+    """Weights & Biases logging beside metrics.jsonl and TensorBoard (needs `pip install maxtrain[wandb]`).
+
+    mode: online, offline (files under RUN_DIR/wandb, `wandb sync` later) or disabled. The
+    wandb run id is derived from run_dir, so a resumed run continues the same wandb run.
+    """
+
+    model_config = _FROZEN
+    project: str = "maxtrain"
+    entity: str | None = None
+    name: str | None = None  # default: the run dir's name
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
 class LogConfig(BaseModel):
     """Where and how often metrics go."""
 
     model_config = _FROZEN
     every: int = Field(10, gt=0)
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a TTY, plain lines otherwise
     peak_flops: float | None = None  # per device; None: datasheet table, or measured on CPU
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -12,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from maxtrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +93,34 @@ def peak_flops_total(override_per_device: float | None = None) -> float:
     return 1e15 * len(devices)
 
 
+def require_wandb():
+    """The wandb module, or a UserError naming the extra (checked before a run writes anything)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("log.wandb needs the wandb package; pip install 'maxtrain[wandb]' (or remove log.wandb)") from None
+    return wandb
+
+
+def start_wandb(cfg, run_dir: Path, config: dict | None):
+    """A wandb run for `run_dir`; its id is a hash of the run dir's absolute path, so a resume continues it."""
+    wandb = require_wandb()
+    run_id = "mt-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, mode=cfg.mode, id=run_id,
+                      resume="allow", dir=str(run_dir), config=config)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
 
     Only the process that owns it writes; the trainer creates it on process 0 only.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb=None, config: dict | None = None):
+        """wandb: a WandbConfig (None: no W&B); config: the resolved run config it records."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a", buffering=1)
+        self._wandb = start_wandb(wandb, Path(run_dir), config) if wandb is not None else None
         self._tb = None
         if tensorboard:
             try:
@@ -117,8 +139,13 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, clean["step"])
 
+        if self._wandb is not None and "step" in clean:
+            self._wandb.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}, step=clean["step"])
+
     def close(self) -> None:
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
 

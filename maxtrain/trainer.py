@@ -24,7 +24,7 @@ from maxtrain.errors import UserError
 from maxtrain.experiment import Experiment, build_experiment
 from maxtrain.finetune.forgetting import build_forgetting_eval
 from maxtrain.finetune.trainable import count_params, tree_bytes
-from maxtrain.metrics import MetricsWriter, peak_flops_total
+from maxtrain.metrics import MetricsWriter, peak_flops_total, require_wandb
 
 log = logging.getLogger("maxtrain")
 
@@ -149,6 +149,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run `cfg` to `cfg.steps`; returns a summary (also written to RUN_DIR/summary.json)."""
     initialize_distributed(cfg.distributed)  # before anything touches a device
     is_main = jax.process_index() == 0
+    if cfg.log.wandb is not None and is_main:
+        require_wandb()  # a missing optional extra is one line, before anything is built or written
     exp = build_experiment(cfg)
     tokenizer = build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size)
     run_dir = Path(cfg.run_dir)
@@ -170,7 +172,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard)
+        writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))
 
     train_batches = build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
     if data_state is not None:
