@@ -28,6 +28,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 
+from maxtrain.data.preference import cut_sequences
 from maxtrain.errors import UserError
 
 log = logging.getLogger("maxtrain.data")
@@ -37,25 +38,32 @@ TooLong = Literal["truncate_prompt", "refuse"]
 _LOOKAHEAD = 8
 
 
-def empty_batch(rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """A batch of padding only: pad tokens, zero weights, segment 0."""
-    return {
+def empty_batch(rows: int, seq_len: int, pad_id: int, fields: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """A batch of padding only: pad tokens, zero weights, segment 0; `fields`: extra float32 fields, 0."""
+    batch = {
         "tokens": np.full((rows, seq_len), pad_id, np.int32),
         "targets": np.full((rows, seq_len), pad_id, np.int32),
         "loss_weights": np.zeros((rows, seq_len), np.float32),
         "segment_ids": np.zeros((rows, seq_len), np.int32),
         "positions": np.zeros((rows, seq_len), np.int32),
     }
+    for name in fields:
+        batch[name] = np.zeros((rows, seq_len), np.float32)
+    return batch
 
 
 def write_piece(batch: dict, r: int, col: int, segment: int, doc: np.ndarray, weights, start: int, n: int,
-                targets=None) -> None:
+                targets=None, element: dict | None = None) -> int:
     """Write doc[start:start+n] into row r at col as segment `segment` (targets/weights aligned).
 
     weights: per-target weights of the whole document (weights[j] weighs predicting token
     j+1), or None for every target. The document's last token has no target.
     targets: the document's own targets, one per token (masked LM: the original ids at the
     same positions), with weights aligned to them; None: the next token.
+    element: a whole element written at once (start 0, n its length) whose "segments" number
+    its sequences 1..k (preference pairs): they become segments segment..segment+k-1, each
+    with positions from 0, and its "sequence_fields" {name: [k values]} land on each
+    sequence's last token (0 elsewhere). Returns the last segment id used.
     """
     if targets is not None:
         targets = targets[start : start + n]
@@ -64,8 +72,19 @@ def write_piece(batch: dict, r: int, col: int, segment: int, doc: np.ndarray, we
     batch["tokens"][r, col : col + n] = doc[start : start + n]
     batch["targets"][r, col : col + len(targets)] = targets
     batch["loss_weights"][r, col : col + len(targets)] = 1.0 if weights is None else weights[start : start + len(targets)]
-    batch["segment_ids"][r, col : col + n] = segment
-    batch["positions"][r, col : col + n] = np.arange(n)
+    segs = None if element is None else element.get("segments")
+    if segs is None:
+        batch["segment_ids"][r, col : col + n] = segment
+        batch["positions"][r, col : col + n] = np.arange(n)
+        return segment
+    segs = segs[start : start + n]
+    batch["segment_ids"][r, col : col + n] = segment - 1 + segs
+    starts = np.r_[True, segs[1:] != segs[:-1]]
+    batch["positions"][r, col : col + n] = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    ends = col + np.flatnonzero(np.r_[segs[1:] != segs[:-1], True])
+    for name, values in element.get("sequence_fields", {}).items():
+        batch[name][r, ends] = values[segs[ends - col] - 1]
+    return segment - 1 + int(segs.max())
 
 
 def cut_prompt(element: dict, seq_len: int) -> dict | None:
@@ -142,13 +161,14 @@ class LaneBatcher:
 
     def __init__(self, docs, *, global_batch: int, rows: Iterable[int], seq_len: int, pad_id: int,
                  fill: Fill = "pack", too_long: TooLong = "truncate_prompt", skip_bad: bool = False,
-                 labels: bool = False, workers: int = 0, transform=None):
+                 labels: bool = False, workers: int = 0, transform=None, fields: Iterable[str] = ()):
         self._docs, self._n = docs, len(docs)
         self._b, self._rows, self._s, self._pad = global_batch, list(rows), seq_len, pad_id
         if not self._rows or not all(0 <= r < global_batch for r in self._rows):
             raise UserError(f"data rows {self._rows} are not within the global batch of {global_batch}")
         self._fill, self._too_long, self._skip_bad, self._labels = fill, too_long, skip_bad, labels
         self._transform = transform  # (element, global document index) -> element, e.g. masked-LM masking
+        self._fields = tuple(fields)  # extra per-token float fields the format's elements carry
         self._fetch = _Fetcher(docs, workers)
         # Per lane: [document number in the lane, tokens of it used, bad records skipped, documents cut]
         self._lanes = {r: [0, 0, 0, 0] for r in self._rows}
@@ -182,7 +202,8 @@ class LaneBatcher:
         if self._transform is not None:
             element = self._transform(element, i)
         if self._fill == "whole" and len(element["tokens"]) > self._s:
-            cut = cut_prompt(element, self._s) if self._too_long == "truncate_prompt" else None
+            cut_to = cut_sequences if "segments" in element else cut_prompt  # pairs: see data/preference.py
+            cut = cut_to(element, self._s) if self._too_long == "truncate_prompt" else None
             if cut is None:
                 n = len(element["tokens"])
                 why = "its reply alone" if self._too_long == "truncate_prompt" else "it"
@@ -239,8 +260,7 @@ class LaneBatcher:
             n = min(self._s - col, len(doc) - start)
             if self._fill == "whole" and n < len(doc):
                 break  # does not fit the rest of this row: it starts the next one
-            segment += 1
-            write_piece(batch, i, col, segment, doc, weights, start, n, targets)
+            segment = write_piece(batch, i, col, segment + 1, doc, weights, start, n, targets, element)
             col += n
             lane[1] += n
             if lane[1] >= len(doc):
@@ -251,7 +271,7 @@ class LaneBatcher:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = empty_batch(len(self._rows), self._s, self._pad)
+        batch = empty_batch(len(self._rows), self._s, self._pad, self._fields)
         if self._labels:
             batch["labels"] = np.full((len(self._rows),), -1, np.int32)
         filled = [self._fill_row(batch, i, r) for i, r in enumerate(self._rows)]

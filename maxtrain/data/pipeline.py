@@ -158,7 +158,8 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "
         docs = global_documents(cfg, tok, sources, split=split, seed=seed)
         inner = LaneBatcher(docs, global_batch=global_batch, rows=rows, seq_len=seq_len, pad_id=tok.pad_id, fill=fill,
                             too_long=getattr(cfg.format, "too_long", "refuse"), skip_bad=skip_bad, labels=labels,
-                            workers=cfg.workers, transform=cfg.format.document_transform(tok, seed))
+                            workers=cfg.workers, transform=cfg.format.document_transform(tok, seed),
+                            fields=cfg.format.batch_fields())
         kind = "lanes"
     else:
         if process_count > 1:

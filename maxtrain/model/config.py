@@ -52,7 +52,7 @@ class ClassifierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_labels: int = Field(2, gt=1)
+    num_labels: int = Field(2, ge=1)  # 1: a scalar score (a reward model)
     pooling: Literal["last", "mean", "cls"] = "last"
 
 
