@@ -142,7 +142,7 @@ def register_commands(sub) -> None:
     order.add_argument("--seed", type=int, default=0)
 
     def run_order(ns):
-        from maxtrain.tasks.word_order import write_word_order
+        from maxtrain.tasks.corpus import write_word_order
 
         try:
             paths = write_word_order(ns.out, train=ns.train, eval=ns.eval, seed=ns.seed)
@@ -153,3 +153,22 @@ def register_commands(sub) -> None:
         return 0
 
     order.set_defaults(func=run_order)
+
+    cont = tsub.add_parser("continuations", help="write multiple-choice continuations of held-out corpus sentences (mc.jsonl)")
+    cont.add_argument("out", help="output .jsonl file")
+    cont.add_argument("-n", type=int, default=80)
+    cont.add_argument("--seed", type=int, default=0)
+
+    def run_cont(ns):
+        from maxtrain.tasks.corpus import continuation_records
+
+        try:
+            records = continuation_records(ns.n, ns.seed)
+        except ValueError as e:
+            raise UserError(f"{e}; ask for fewer records (-n)") from None
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"{len(records)} records: {ns.out}")
+        return 0
+
+    cont.set_defaults(func=run_cont)

@@ -1,4 +1,6 @@
-"""A text-classification task from the embedded corpus: is this sentence in its original word order?
+"""Tasks made from the embedded corpus: word order (classification) and continuations (multiple choice).
+
+Word order: is this sentence in its original word order?
 
 Label 1: a sentence as written; label 0: the same sentence with two of its words swapped.
 Both are lower-cased at the start and lose the final period, so neither end gives the
@@ -15,6 +17,8 @@ import json
 import random
 import re
 from pathlib import Path
+
+import numpy as np
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -75,3 +79,37 @@ def write_word_order(out_dir: str | Path, *, train: int, eval: int, seed: int = 
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
     return paths
+
+
+def continuation_records(n: int, seed: int = 0, eval_fraction: float = 0.02, choices: int = 4) -> list[dict]:
+    """Multiple-choice records {context, choices, label} from the demo's held-out documents.
+
+    The context is a sentence's first half; the choices are its true second half and the
+    second halves of other held-out sentences of about the same length (so length alone does
+    not give the answer), in a shuffled order. Documents are held out by the same hash as
+    data.eval_fraction, so a model pretrained on the embedded corpus never trained on them.
+    """
+    from maxtrain.data.documents import eval_mask
+    from maxtrain.data.sources import EmbeddedDocuments
+
+    src = EmbeddedDocuments()
+    held = [src[int(i)] for i in np.flatnonzero(eval_mask(src.doc_keys(), eval_fraction))]
+    pool = [s.split() for s in dict.fromkeys(sentences(held, min_words=10, max_words=30))]
+    rng = random.Random(seed)
+    rng.shuffle(pool)
+    records = []
+    for words in pool:
+        if len(records) == n:
+            break
+        cut = len(words) // 2
+        context, truth = " ".join(words[:cut]), " ".join(words[cut:])
+        others = [" ".join(w[len(w) // 2 :]) for w in pool if w is not words and abs(len(w) - len(words)) <= 2]
+        others = [o for o in dict.fromkeys(others) if o != truth]
+        if len(others) < choices - 1:
+            continue
+        options = rng.sample(others, choices - 1) + [truth]
+        rng.shuffle(options)
+        records.append({"context": context, "choices": options, "label": options.index(truth)})
+    if len(records) < n:
+        raise ValueError(f"the held-out documents give {len(records)} continuation records, fewer than {n}")
+    return records
