@@ -245,6 +245,8 @@ def test_real_pipeline_same_losses_on_1x8_and_2x4_and_data_resumes_across_counts
     assert "2 processes, 8 devices (4 local)" in proc.stderr
     ref = _losses(one)
     assert ref[steps] < ref[1] - 0.3  # it trains: the comparison is not of constants
+    for step, loss in sorted(_losses(two).items()):  # the table the README quotes (pytest -s)
+        print(f"step {step}: 1x8 {ref[step]:.7f}  2x4 {loss:.7f}  |rel diff| {abs(loss - ref[step]) / ref[step]:.1e}")
     _close(_losses(two), ref)
     records = _records(two)
     # Written by process 0 alone: each step exactly once (two writers would duplicate lines).
@@ -265,6 +267,7 @@ def test_real_pipeline_same_losses_on_1x8_and_2x4_and_data_resumes_across_counts
         _launch(nproc, devices, [*_train_args(corpus, resumed, steps), *extra], tmp_path)
         got = _losses(resumed)
         assert sorted(got) == list(range(1, steps + 1))
+        print(f"saved by {source.name}, resumed on {nproc} process(es):", {s: round(got[s], 7) for s in range(every + 1, steps + 1)})
         _close({s: got[s] for s in range(every + 1, steps + 1)}, {s: ref[s] for s in range(every + 1, steps + 1)})
 
 
