@@ -81,6 +81,15 @@ def write_word_order(out_dir: str | Path, *, train: int, eval: int, seed: int = 
     return paths
 
 
+def heldout_documents(eval_fraction: float = 0.02) -> list[str]:
+    """The embedded corpus' documents that data.eval_fraction holds out of training (the demo's)."""
+    from maxtrain.data.documents import eval_mask
+    from maxtrain.data.sources import EmbeddedDocuments
+
+    src = EmbeddedDocuments()
+    return [src[int(i)] for i in np.flatnonzero(eval_mask(src.doc_keys(), eval_fraction))]
+
+
 def continuation_records(n: int, seed: int = 0, eval_fraction: float = 0.02, choices: int = 4) -> list[dict]:
     """Multiple-choice records {context, choices, label} from the demo's held-out documents.
 
@@ -89,11 +98,7 @@ def continuation_records(n: int, seed: int = 0, eval_fraction: float = 0.02, cho
     not give the answer), in a shuffled order. Documents are held out by the same hash as
     data.eval_fraction, so a model pretrained on the embedded corpus never trained on them.
     """
-    from maxtrain.data.documents import eval_mask
-    from maxtrain.data.sources import EmbeddedDocuments
-
-    src = EmbeddedDocuments()
-    held = [src[int(i)] for i in np.flatnonzero(eval_mask(src.doc_keys(), eval_fraction))]
+    held = heldout_documents(eval_fraction)
     pool = [s.split() for s in dict.fromkeys(sentences(held, min_words=10, max_words=30))]
     rng = random.Random(seed)
     rng.shuffle(pool)

@@ -158,6 +158,7 @@ def register_commands(sub) -> None:
     cont.add_argument("out", help="output .jsonl file")
     cont.add_argument("-n", type=int, default=80)
     cont.add_argument("--seed", type=int, default=0)
+    cont.add_argument("--heldout", default=None, help="also write the held-out documents as {text} JSONL (for --perplexity)")
 
     def run_cont(ns):
         from maxtrain.tasks.corpus import continuation_records
@@ -169,6 +170,12 @@ def register_commands(sub) -> None:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"{len(records)} records: {ns.out}")
+        if ns.heldout:
+            from maxtrain.tasks.corpus import heldout_documents
+
+            docs = heldout_documents()
+            Path(ns.heldout).write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+            print(f"{len(docs)} held-out documents: {ns.heldout}")
         return 0
 
     cont.set_defaults(func=run_cont)
