@@ -38,7 +38,7 @@ def sentences(texts, *, min_words: int = 8, max_words: int = 24) -> list[str]:
 
 
 def _plain(sentence: str) -> str:
-    return (sentence[:1].lower() + sentence[1:]).removesuffix(".")
+    return (sentence[:1].lower() + sentence[1:]).rstrip(".")
 
 
 def _swapped(rng: random.Random, sentence: str) -> str:
