@@ -129,11 +129,14 @@ def preference_objective(cfg: RunConfig, apply_fn) -> Objective:
 
 
 def finetuned_model_config(cfg: RunConfig) -> ModelConfig:
-    """The run's model: the base architecture plus the `finetune:` additions (LoRA, a head)."""
+    """The run's model: the base architecture plus the `finetune:` methods (finetune/registry.py)."""
+    from maxtrain.finetune import registry
+
     if cfg.train.objective == "classification" and cfg.finetune.classifier is None:
         raise UserError("train.objective=classification needs a head; set finetune.classifier.num_labels")
     check_objective_fits_model(cfg.train.objective, cfg.model)
-    return cfg.model.model_copy(update={"lora": cfg.finetune.lora, "classifier": cfg.finetune.classifier})
+    registry.check_methods(cfg.finetune, cfg.model, cfg)
+    return cfg.model.model_copy(update=registry.model_updates(cfg.finetune))
 
 
 def check_objective_fits_model(objective: str, model: ModelConfig) -> None:

@@ -156,7 +156,10 @@ class Generator:
             raise UserError("every prompt needs at least one token")
         lengths = np.array([len(p) for p in prompts], np.int32)
         longest = int(lengths.max())
-        limit = self.cfg.max_seq_len if self.cfg.positions == "learned" else None
+        from maxtrain.finetune.registry import virtual_tokens
+
+        virtual = virtual_tokens(self.cfg)  # a soft prompt or prefix takes cache slots 0..P-1 (positions shift by P)
+        limit = self.cfg.max_seq_len - virtual if self.cfg.positions == "learned" else None
         if limit is not None and longest + s.max_new_tokens > limit:
             raise UserError(
                 f"prompt ({longest} tokens) + --max-new-tokens {s.max_new_tokens} exceeds the model's "
@@ -168,7 +171,7 @@ class Generator:
         tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
         for row, p in enumerate(prompts):
             tokens[row, : len(p)] = p
-        cache_len = prompt_len + s.max_new_tokens
+        cache_len = virtual + prompt_len + s.max_new_tokens
         prefill, decode = self._functions(len(prompts), prompt_len, s, tuple(int(e) for e in eos_ids), int(pad_id))
         with jax.set_mesh(self.mesh):
             shape = (self.cfg.num_layers, len(prompts), cache_len, self.cfg.kv_heads, self.cfg.dim_per_head)

@@ -141,7 +141,7 @@ def _start_state(cfg: RunConfig, exp: Experiment, tokenizer, run_dir: Path, is_m
     if is_main:
         set_aside_previous_run(run_dir, names=("metrics.jsonl",))  # from a run that never checkpointed
     if cfg.init_from:
-        exp.state = init_state_from(exp, cfg.init_from)
+        exp.state = init_state_from(exp, cfg.init_from, tokenizer)
     return ckpt, None
 
 

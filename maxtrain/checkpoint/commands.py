@@ -16,9 +16,11 @@ def run_config_of(meta: dict):
 
     if meta.get("config"):
         return RunConfig(**meta["config"])
+    from maxtrain.finetune import registry
+
     model = model_config_of(meta)
-    finetune = {"lora": model.lora, "classifier": model.classifier}
-    return RunConfig(model=model.model_copy(update={"lora": None, "classifier": None}), preset=meta.get("preset"),
+    finetune = registry.model_updates(model)
+    return RunConfig(model=model.model_copy(update=registry.base_updates()), preset=meta.get("preset"),
                      finetune=finetune)  # fmt: skip
 
 

@@ -43,11 +43,13 @@ def maxtrain_version() -> str:
 
 
 def effective_model(cfg):
-    """The model a run actually holds: `cfg.model` plus its `finetune:` LoRA and head (their leaves are saved too)."""
+    """The model a run actually holds: `cfg.model` plus its `finetune:` methods (their leaves are saved too)."""
+    from maxtrain.finetune import registry
+
     finetune = getattr(cfg, "finetune", None)
-    if finetune is None or (finetune.lora is None and finetune.classifier is None):
+    if finetune is None or not any(True for _ in registry.active(finetune)):
         return cfg.model
-    return cfg.model.model_copy(update={"lora": finetune.lora, "classifier": finetune.classifier})
+    return cfg.model.model_copy(update=registry.model_updates(finetune))
 
 
 def model_config_of(meta: dict):
@@ -57,9 +59,11 @@ def model_config_of(meta: dict):
     """
     from maxtrain.model.config import ModelConfig
 
+    from maxtrain.finetune import registry
+
     fields = dict(meta["model"])
     finetune = (meta.get("config") or {}).get("finetune") or {}
-    for key in ("lora", "classifier"):
+    for key in registry.names():
         if fields.get(key) is None and finetune.get(key) is not None:
             fields[key] = finetune[key]
     return ModelConfig(**fields)

@@ -15,16 +15,18 @@ from maxtrain.checkpoint.params import read_metadata
 log = logging.getLogger("maxtrain.checkpoint")
 
 
-def init_state_from(exp, path: str):
+def init_state_from(exp, path: str, tokenizer=None):
     """`exp.state` with params from `path` (export, checkpoint or run dir) and a fresh optimizer at step 0.
 
     The optimizer state is re-initialised from the loaded params, in its own shardings; step
-    and rng stay those of the new run.
+    and rng stay those of the new run. tokenizer: for finetuning methods initialised from
+    text (a soft prompt).
     """
     meta = read_metadata(path)
     from maxtrain.finetune.init import load_pretrained  # base weights; LoRA factors and heads stay fresh
 
-    params = load_pretrained(path, exp.state.params)
+    tokenize = (lambda text: tokenizer.encode(text)) if tokenizer is not None else None
+    params = load_pretrained(path, exp.state.params, model_cfg=exp.model.cfg, tokenize=tokenize, seed=exp.cfg.seed)
     opt_state = jax.jit(exp.optimizer.init, out_shardings=exp.state_shardings.opt_state)(params)
     log.info("initialised from %s (%s, saved at step %s); fresh optimizer at step 0",
              path, meta.get("format"), meta.get("step", "-"))

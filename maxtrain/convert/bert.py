@@ -221,9 +221,12 @@ def exportable(kind: str):
 
 def export_model(cfg: ModelConfig) -> ModelConfig:
     """A finetuned classifier exports as ...ForSequenceClassification, which has no MLM head; LoRA is merged."""
+    from maxtrain.finetune import registry
+
+    methods = {k: v for k, v in registry.base_updates().items() if k != "classifier"}  # merged (or refused)
     if cfg.classifier is not None:
-        return cfg.model_copy(update={"lora": None, "mlm_head": False})
-    return cfg.model_copy(update={"lora": None})
+        return cfg.model_copy(update={**methods, "mlm_head": False})
+    return cfg.model_copy(update=methods)
 
 
 def _legacy_name(name: str) -> str:

@@ -137,7 +137,9 @@ class Family:
         """The ModelConfig this family writes for `cfg` (see export_model)."""
         if self.export_model is not None:
             return self.export_model(cfg)
-        return cfg.model_copy(update={"lora": None, "classifier": None})
+        from maxtrain.finetune import registry
+
+        return cfg.model_copy(update=registry.base_updates())
 
 
 def abstract_param_shapes(cfg: ModelConfig) -> dict[str, Shape]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,9 @@ def export_to_hf(
 
 
 def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool, export_cfg: ModelConfig) -> tuple[dict, dict]:
-    """({path: stored leaf read on demand} of the exported model with LoRA merged per slice, {kernel path: factors}).
+    """({path: stored leaf read on demand} of the exported model with the methods merged per slice, {path: leaf} of all).
 
-    peft: keep the base kernels unmerged and return the factors for a PEFT adapter instead.
+    peft: keep the base kernels unmerged (the second dict then feeds the PEFT adapter writer).
     export_cfg: the model as written (Family.exported_config); other leaves (a head it has no
     place for) are left out with a warning.
     """
@@ -110,17 +111,19 @@ def _lazy_params(checkpoint, model_cfg: ModelConfig, peft: bool, export_cfg: Mod
     shapes = abstract_param_shapes(model_cfg)
     check_shapes(params_dir, unflatten({n: jax.ShapeDtypeStruct(s, np.float32) for n, s in shapes.items()}), what="params")
     reader = ItemReader(params_dir)
+    from maxtrain.finetune import registry
+
     flat = {path: LazyLeaf(reader, path) for path in shapes}
-    adapters = {}
-    for path in [p for p in flat if p.endswith("/lora_a")]:
-        prefix = path[: -len("/lora_a")]
-        a, b = flat.pop(prefix + "/lora_a"), flat.pop(prefix + "/lora_b")
-        if peft:
-            adapters[prefix] = {"lora_a": a, "lora_b": b}
-        else:
-            flat[prefix + "/kernel"] = MergedKernel(flat[prefix + "/kernel"], a, b, model_cfg.lora.scale)
+    adapters = dict(flat)
+    if not peft:
+        for m, c in registry.active(model_cfg):
+            if m.merge_lazy is not None:
+                flat = m.merge_lazy(flat, c)
     kept = abstract_param_shapes(export_cfg)
-    dropped = sorted({path.split("/")[0] for path in flat if path not in kept})
+    # A method's own leaves go to its PEFT adapter (or were merged); anything else is left out with a warning.
+    efficient = [m.leaves for m, _ in registry.active(model_cfg) if m.efficient]
+    dropped = sorted({path.split("/")[0] for path in flat
+                      if path not in kept and not any(re.fullmatch(r, path) for r in efficient)})
     if dropped:
         what = {"classifier": "the classification head", "mlm_head": "the MLM head"}
         log.warning("leaving out %s: the exported architecture has no place for it", ", ".join(what.get(d, d) for d in dropped))
@@ -167,14 +170,19 @@ def convert_to_hf(
         dtype = origin.get("dtype", "float32") if isinstance(origin, dict) else "float32"
     if dtype not in _DTYPES:
         raise UserError(f"export dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    if peft_adapter is not None and model_cfg.lora is None:
-        raise UserError(f"'{checkpoint}' has no LoRA adapters to write as a PEFT adapter; drop --peft-adapter")
-    base_cfg = family_for_model(model_cfg).exported_config(model_cfg)
-    flat, adapters = _lazy_params(checkpoint, model_cfg, peft=peft_adapter is not None, export_cfg=base_cfg)
-    if peft_adapter is not None:
-        from maxtrain.convert.peft import write_peft_adapter
+    from maxtrain.finetune import registry
 
-        write_peft_adapter(adapters, model_cfg.lora, base_cfg, peft_adapter, base_model=str(Path(out_dir).absolute()), dtype=_DTYPES[dtype])
+    refusal = registry.export_refusal(model_cfg, peft=peft_adapter is not None)
+    if refusal:
+        raise UserError(refusal)
+    writers = [(m, c) for m, c in registry.active(model_cfg) if m.peft is not None]
+    if peft_adapter is not None and not writers:
+        raise UserError(f"'{checkpoint}' has no LoRA, IA3, prompt or prefix tuning to write as a PEFT adapter; drop --peft-adapter")
+    base_cfg = family_for_model(model_cfg).exported_config(model_cfg)
+    flat, stored = _lazy_params(checkpoint, model_cfg, peft=peft_adapter is not None, export_cfg=base_cfg)
+    if peft_adapter is not None:
+        for m, c in writers:  # the registry allows one PEFT-writable method per run (they conflict otherwise)
+            m.peft(stored, c, base_cfg, peft_adapter, base_model=str(Path(out_dir).absolute()), dtype=_DTYPES[dtype])
     source = resolve_model(checkpoint)  # a run's tokenizer lies in the run dir, an export's next to its params
     tok_dir = source.meta_dir if source.kind == "export" else source.run_dir
     with big_buffers_mmapped():

@@ -1,13 +1,16 @@
 """Load pretrained params into a finetuning model whose tree may hold new leaves (LoRA factors, a head).
 
 The leaves a checkpoint lacks keep their fresh initialisation only when they are leaves a
-finetune adds (LoRA's B is zero, the head is zero), so the model starts exactly at the base
-model; any other missing or mismatching leaf is the checkpoint's UserError.
+finetuning method adds (registry.py: LoRA's B is zero, adapters' up-projection zero, (IA)^3
+vectors one, the head zero), so the model starts exactly at the base model; a method may
+then set its leaves from the loaded weights (a soft prompt from the word embedding). Any
+other missing or mismatching leaf is the checkpoint's UserError.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import jax
@@ -47,12 +50,27 @@ def _overlay(base: Any, loaded: Any) -> Any:
     return {k: _overlay(v, loaded.get(k) if isinstance(loaded, dict) else None) for k, v in base.items()}
 
 
-def load_pretrained(path, params: Any, *, partial: bool = False) -> Any:
+def load_pretrained(path, params: Any, *, partial: bool = False, model_cfg=None, tokenize=None, seed: int = 0) -> Any:
     """`params` with every leaf stored at `path` restored (into the same shardings); new leaves kept.
 
     params: the freshly initialised (sharded) params of the run's model.
     partial: any leaf may be missing (loading saved adapters onto a base model).
+    model_cfg: the run's model; its methods' `init_from` hooks then run on the new leaves
+    (tokenize: text -> token ids, for a soft prompt initialised from text).
     """
+    params = _load(path, params, partial)
+    if model_cfg is not None:
+        from maxtrain.finetune import registry
+
+        names = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        fresh = names - saved_param_names(path)
+        for m, c in registry.active(model_cfg):
+            if m.init_from is not None and any(re.fullmatch(m.leaves, n) for n in fresh):
+                params = m.init_from(params, c, tokenize, seed)
+    return params
+
+
+def _load(path, params: Any, partial: bool) -> Any:
     saved = saved_param_names(path)
     names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     missing = [n for n in names if n not in saved]
@@ -60,6 +78,6 @@ def load_pretrained(path, params: Any, *, partial: bool = False) -> Any:
         return load_params(path, abstract_of(params))  # a full match, or the checkpoint's own error
     present = _select(params, lambda n: n in saved)
     loaded = load_params(path, abstract_of(present))
-    log.info("loaded %d pretrained tensors from %s; %d new (LoRA / head) keep their initialisation",
+    log.info("loaded %d pretrained tensors from %s; %d new (finetuning methods) keep their initialisation",
              len(names) - len(missing), path, len(missing))
     return _overlay(params, loaded)

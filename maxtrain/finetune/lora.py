@@ -1,7 +1,8 @@
-"""LoRA outside the model: merge adapters into base weights for export, save and load adapters alone.
+"""LoRA: y = x W + (alpha / r) dropout(x) A B on the target projections (a registry row, see registry.py).
 
-Inside the model, `Linear` adds (alpha / r) * x A B when its name is a LoRA target (see
-maxtrain/model/layers.py); A is [*in, r], B is [r, *out], stacked over layers by the scan.
+The hook `linear_output` adds the low-rank term inside the model's `Linear` when its name
+is a target; A is [*in, r], B is [r, *out] (zero at init), stacked over layers by the scan.
+Outside the model: merge adapters into base weights for export, save and load adapters alone.
 """
 
 from __future__ import annotations
@@ -11,9 +12,27 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from maxtrain.finetune.init import _select, load_pretrained
-from maxtrain.finetune.trainable import new_leaf
+from maxtrain.finetune.registry import Method, new_leaf, targets_check
 from maxtrain.model.config import LoraConfig
+
+
+def linear_output(module, cfg: LoraConfig, x, y):
+    """y + (alpha / r) * dropout(x) A B when `module` (a Linear) is a target; B is zero at init."""
+    if module.name not in cfg.targets:
+        return y
+    import flax.linen as nn
+    import jax
+
+    from maxtrain.model.layers import _param, flat_matmul
+
+    a_init = nn.initializers.normal(1.0 / math.sqrt(math.prod(module.in_shape)))
+    a = _param(module, "lora_a", a_init, module.in_shape + (cfg.rank,), module.in_axes + (None,), module.param_dtype)
+    b = _param(module, "lora_b", nn.initializers.zeros, (cfg.rank,) + module.out_shape, (None,) + module.out_axes, module.param_dtype)
+    if cfg.dropout > 0 and module.has_rng("dropout"):  # training passes a dropout rng; eval does not
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.dropout), 0.0)
+    xa = flat_matmul(x, a, len(module.in_shape), module.dtype)
+    return y + (cfg.scale * flat_matmul(xa, b, 1, module.dtype)).astype(module.dtype)
 
 
 def lora_delta(a: jnp.ndarray, b: jnp.ndarray, kernel_shape: tuple[int, ...], scale: float) -> jnp.ndarray:
@@ -62,22 +81,51 @@ def split_lora(params: Any) -> tuple[Any, Any]:
 
 def adapter_params(params: Any) -> Any:
     """Only the leaves a finetune added (LoRA factors and a task head): what `save_adapters` writes."""
+    from maxtrain.finetune.init import _select
+
     return _select(params, new_leaf)
 
 
 def save_adapters(path, params: Any, *, cfg, tokenizer_path: str | None = None) -> None:
     """Write the adapters alone (megabytes, not the base model) with the run's LoRA config in maxtrain.json."""
     from maxtrain.checkpoint import save_params
+    from maxtrain.finetune.registry import model_updates
 
-    ft = cfg.finetune
-    extra = {
-        "kind": "adapters",
-        "lora": ft.lora.model_dump(mode="json") if ft.lora else None,
-        "classifier": ft.classifier.model_dump(mode="json") if ft.classifier else None,
-    }
+    extra = {"kind": "adapters"}
+    extra.update({k: (c.model_dump(mode="json") if c is not None else None) for k, c in model_updates(cfg.finetune).items()})
     save_params(path, adapter_params(params), cfg=cfg, tokenizer_path=tokenizer_path, extra=extra)
 
 
 def load_adapters(path, params: Any) -> Any:
     """`params` (a base model with fresh adapters) with the adapters saved at `path` restored."""
+    from maxtrain.finetune.init import load_pretrained
+
     return load_pretrained(path, params, partial=True)
+
+
+def merge_lazy(flat: dict, cfg: LoraConfig) -> dict:
+    """{path: leaf} with every adapted kernel replaced by a per-layer merged view and the factors removed."""
+    from maxtrain.convert.exporter import MergedKernel
+
+    flat = dict(flat)
+    for path in [p for p in flat if p.endswith("/lora_a")]:
+        prefix = path[: -len("/lora_a")]
+        a, b = flat.pop(prefix + "/lora_a"), flat.pop(prefix + "/lora_b")
+        flat[prefix + "/kernel"] = MergedKernel(flat[prefix + "/kernel"], a, b, cfg.scale)
+    return flat
+
+
+def write_peft(flat: dict, cfg: LoraConfig, base_cfg, out_dir, *, base_model: str, dtype) -> None:
+    """The factors as a PEFT LoRA adapter dir (maxtrain/convert/peft.py)."""
+    from maxtrain.convert.peft import write_peft_adapter
+
+    adapters = {p[: -len("/lora_a")]: {"lora_a": flat[p], "lora_b": flat[p[: -len("a")] + "b"]} for p in flat if p.endswith("/lora_a")}
+    write_peft_adapter(adapters, cfg, base_cfg, out_dir, base_model=base_model, dtype=dtype)
+
+
+METHOD = Method(
+    name="lora", config=LoraConfig, alias="lora", leaves=r".*/lora_[ab]",
+    export="merge", merge_params=lambda params, cfg: merge_lora(params, cfg), merge_lazy=merge_lazy, peft=write_peft,
+    check=lambda cfg, model, run: targets_check("lora", cfg.targets, model),
+    conflicts=(), linear_output=linear_output,
+)

@@ -15,17 +15,16 @@ import jax
 import numpy as np
 
 from maxtrain.errors import UserError
+from maxtrain.finetune import registry
 from maxtrain.finetune.config import FinetuneConfig
 
-ALIASES = {
+_BASE_ALIASES = {
     "all": r".*",
-    "lora": r".*/lora_[ab]",
-    "head": r"classifier/.*",
     "embeddings": r"(position_)?embedding",
-    "norms": r".*norm/(scale|bias)",
+    "norms": r"(?!.*adapter_).*norm/(scale|bias)",  # the base's norms (an adapter's own norm is its alias's)
     "lm_head": r"lm_head/.*",
 }
-_LORA = re.compile(ALIASES["lora"])
+ALIASES = {**_BASE_ALIASES, **registry.aliases()}  # plus each method's: lora, head, adapters, ia3, prompt, prefix
 
 
 def path_name(path: tuple) -> str:
@@ -78,16 +77,15 @@ def trainable_set(cfg: FinetuneConfig, num_layers: int) -> TrainableSet:
     """The trainable set of a run's `finetune:` section (defaults: see FinetuneConfig.train)."""
     train = cfg.train
     if train is None:
-        lora = ("lora", "head") if cfg.classifier is not None else ("lora",)
-        train = lora if cfg.lora is not None else ("all",)
+        train = registry.default_train(cfg)
     if cfg.freeze_layers > num_layers:
         raise UserError(f"finetune.freeze_layers={cfg.freeze_layers} exceeds model.num_layers={num_layers}; lower it")
     return TrainableSet(tuple(_compile(train, "train")), tuple(_compile(cfg.freeze, "freeze")), cfg.freeze_layers, num_layers)
 
 
 def new_leaf(name: str) -> bool:
-    """Leaves a finetune adds to a base model (absent from pretrained checkpoints): LoRA factors, task heads."""
-    return bool(_LORA.fullmatch(name)) or name.startswith("classifier/")
+    """Leaves a finetuning method adds to a base model (absent from pretrained checkpoints): see registry.py."""
+    return registry.new_leaf(name)
 
 
 def count_params(params: Any, trainable: TrainableSet | None = None) -> tuple[int, int]:

@@ -21,9 +21,12 @@ def attention_mask(
     Keys must belong to the same segment (packed document); causal masks use token order,
     which within a segment equals position order. Padding (segment 0) attends to padding
     only, so no row is fully masked (no NaN) and padding never leaks into real tokens.
+    Keys of the shared segment -1 (a soft prompt in front of the row) are visible to every
+    real query; they themselves attend only to each other.
     """
     kv_seg = segment_ids_BxS if kv_segment_ids_BxT is None else kv_segment_ids_BxT
     mask = segment_ids_BxS[:, :, None] == kv_seg[:, None, :]
+    mask |= (kv_seg[:, None, :] == -1) & (segment_ids_BxS[:, :, None] != 0)
     s_idx = jnp.arange(segment_ids_BxS.shape[1])[:, None]
     t_idx = jnp.arange(kv_seg.shape[1])[None, :]
     if causal:
@@ -108,11 +111,18 @@ class Attention(nn.Module):
     kernel: str = "xla"  # xla: dot_product_attention; cudnn: fused_attention (GPU, bf16/f16)
 
     @nn.compact
-    def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array, rope=None) -> jax.Array:
-        """rope: the (sin, cos) tables of layers.rope_tables for these positions (RoPE models)."""
+    def __call__(
+        self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array, rope=None, prefix_Px2xKxH=None
+    ) -> jax.Array:
+        """rope: the (sin, cos) tables of layers.rope_tables for these positions (RoPE models).
+
+        prefix_Px2xKxH: this layer's prefix keys and values (prefix tuning), in front of the
+        keys every real query attends to (mask_BxSxT then has P + S columns); in decode they
+        go to cache slots 0..P-1. They carry no rotary position.
+        """
         cfg = self.cfg
         n, k, h, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
-        kw = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype, lora=cfg.lora)
+        kw = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=self.param_dtype, finetune=cfg)
         q_BxSxNxH = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q", **kw)(x_BxSxD)
         k_BxSxKxH = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k", **kw)(x_BxSxD)
         v_BxSxKxH = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v", **kw)(x_BxSxD)
@@ -124,7 +134,12 @@ class Attention(nn.Module):
             q_BxSxNxH = apply_rope(q_BxSxNxH, *rope)
             k_BxSxKxH = apply_rope(k_BxSxKxH, *rope)
         if self.decode:
-            k_BxSxKxH, v_BxSxKxH, mask_BxSxT = self._attend_to_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS)
+            k_BxSxKxH, v_BxSxKxH, mask_BxSxT = self._attend_to_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS, prefix_Px2xKxH)
+        elif prefix_Px2xKxH is not None:
+            b = k_BxSxKxH.shape[0]
+            pre_BxPx2xKxH = jnp.broadcast_to(prefix_Px2xKxH[None].astype(k_BxSxKxH.dtype), (b,) + prefix_Px2xKxH.shape)
+            k_BxSxKxH = jnp.concatenate([pre_BxPx2xKxH[:, :, 0], k_BxSxKxH], axis=1)
+            v_BxSxKxH = jnp.concatenate([pre_BxPx2xKxH[:, :, 1].astype(v_BxSxKxH.dtype), v_BxSxKxH], axis=1)
         q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("activation_batch", "activation_length", "activation_heads", None))
         if self.kernel == "xla" or self.decode:
             out_BxSxNxH = dot_product_attention(
@@ -134,14 +149,14 @@ class Attention(nn.Module):
         else:
             out_BxSxNxH = fused_attention(
                 q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT,
-                causal=cfg.causal, sliding_window=cfg.sliding_window, implementation=self.kernel,
+                causal=cfg.causal and prefix_Px2xKxH is None, sliding_window=cfg.sliding_window, implementation=self.kernel,
             )  # fmt: skip
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual-projection scaling
         return Linear(
-            (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, cfg.lora, name="o"
+            (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, cfg, name="o"
         )(out_BxSxNxH)
 
-    def _attend_to_cache(self, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxS: jax.Array):
+    def _attend_to_cache(self, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxS: jax.Array, prefix_Px2xKxH=None):
         """Write these keys/values into the KV cache at their positions; return the whole cache and its mask.
 
         Cache slot t holds position t of each row, so rows of one batch may sit at different
@@ -153,10 +168,17 @@ class Attention(nn.Module):
         cached_k = self.variable("cache", "cached_k", jnp.zeros, shape, k_BxSxKxH.dtype)
         cached_v = self.variable("cache", "cached_v", jnp.zeros, shape, v_BxSxKxH.dtype)
         rows_Bx1 = jnp.arange(b)[:, None]
+        if prefix_Px2xKxH is not None:  # the prefix owns slots 0..P-1 (rewritten each call: same values)
+            p = prefix_Px2xKxH.shape[0]
+            pre = jnp.broadcast_to(prefix_Px2xKxH[None], (b,) + prefix_Px2xKxH.shape)
+            cached_k.value = cached_k.value.at[:, :p].set(pre[:, :, 0].astype(cached_k.value.dtype))
+            cached_v.value = cached_v.value.at[:, :p].set(pre[:, :, 1].astype(cached_v.value.dtype))
         cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxKxH.astype(cached_k.value.dtype))
         cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxKxH.astype(cached_v.value.dtype))
         slots_T = jnp.arange(cached_k.value.shape[1])
         mask_BxSxT = slots_T[None, None, :] <= positions_BxS[:, :, None]
         if self.cfg.sliding_window is not None:
             mask_BxSxT &= positions_BxS[:, :, None] - slots_T[None, None, :] < self.cfg.sliding_window
+            if prefix_Px2xKxH is not None:  # a prefix stays visible whatever the window (as in training)
+                mask_BxSxT |= (slots_T < prefix_Px2xKxH.shape[0])[None, None, :]
         return cached_k.value.astype(k_BxSxKxH.dtype), cached_v.value.astype(v_BxSxKxH.dtype), mask_BxSxT

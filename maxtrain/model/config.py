@@ -10,6 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from maxtrain.finetune.adapter import AdapterConfig
+from maxtrain.finetune.ia3 import IA3Config
+from maxtrain.finetune.prefix import PrefixTuningConfig
+from maxtrain.finetune.prompt import PromptTuningConfig
+
 
 class RopeScaling(BaseModel):
     """Llama-3 style frequency scaling of RoPE (the `rope_scaling` block of HF configs)."""
@@ -96,10 +101,15 @@ class ModelConfig(BaseModel):
     pooler: bool = False  # dense + tanh on the first token (BERT/RoBERTa pooler; the cls classifier uses it)
     mlm_head: bool = False  # masked-LM head: dense, activation, norm, tied decoder + vocab bias
     init_std: float = 0.02
-    # Finetuning additions, set by the experiment from the run's `finetune:` section (the
-    # base architecture in presets and checkpoints leaves them None).
+    # Finetuning methods (maxtrain/finetune/registry.py), set by the experiment from the run's
+    # `finetune:` section (the base architecture in presets leaves them None; checkpoints
+    # record them, so the saved tree rebuilds).
     lora: LoraConfig | None = None
     classifier: ClassifierConfig | None = None
+    adapter: AdapterConfig | None = None
+    ia3: IA3Config | None = None
+    prompt_tuning: PromptTuningConfig | None = None
+    prefix_tuning: PrefixTuningConfig | None = None
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maxtrain.model.config import LoraConfig, ModelConfig, RopeScaling
+from maxtrain.finetune import registry
+from maxtrain.model.config import ModelConfig, RopeScaling
 
 Dtype = Any
 
@@ -51,31 +52,27 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    lora: LoraConfig | None = None  # adapters apply when this module's name is one of lora.targets
+    # The model whose finetuning methods apply here (their `linear_input` / `linear_output`
+    # hooks, e.g. LoRA, (IA)^3); they decide by this module's name (q k v o gate up down).
+    finetune: ModelConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        hooks = [(m, c) for m, c in registry.active(self.finetune)]
+        x_in = x
+        for m, c in hooks:
+            if m.linear_input is not None:
+                x = m.linear_input(self, c, x)
         init = nn.initializers.normal(self.init_std)
         kernel = _param(self, "kernel", init, self.in_shape + self.out_shape, self.in_axes + self.out_axes, self.param_dtype)
         y = flat_matmul(x, kernel, len(self.in_shape), self.dtype)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes, self.param_dtype)
             y = y + bias.astype(self.dtype)
-        if self.lora is not None and self.name in self.lora.targets:
-            y = y + self._lora_delta(x)
+        for m, c in hooks:
+            if m.linear_output is not None:
+                y = m.linear_output(self, c, x_in, y)
         return y
-
-    def _lora_delta(self, x: jax.Array) -> jax.Array:
-        """(alpha / r) * dropout(x) A B, with A [*in, r] and B [r, *out]; B is zero at init."""
-        cfg = self.lora
-        a_init = nn.initializers.normal(1.0 / math.sqrt(math.prod(self.in_shape)))
-        a = _param(self, "lora_a", a_init, self.in_shape + (cfg.rank,), self.in_axes + (None,), self.param_dtype)
-        b = _param(self, "lora_b", nn.initializers.zeros, (cfg.rank,) + self.out_shape, (None,) + self.out_axes, self.param_dtype)
-        if cfg.dropout > 0 and self.has_rng("dropout"):  # training passes a dropout rng; eval does not
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - cfg.dropout), 0.0)
-        xa = flat_matmul(x, a, len(self.in_shape), self.dtype)
-        return (cfg.scale * flat_matmul(xa, b, 1, self.dtype)).astype(self.dtype)
 
 
 class Norm(nn.Module):
@@ -202,7 +199,7 @@ class Mlp(nn.Module):
     def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         dense = lambda name, i, o, ia, oa: Linear(  # noqa: E731
-            (i,), (o,), (ia,), (oa,), cfg.mlp_bias, cfg.init_std, self.dtype, self.param_dtype, cfg.lora, name=name
+            (i,), (o,), (ia,), (oa,), cfg.mlp_bias, cfg.init_std, self.dtype, self.param_dtype, cfg, name=name
         )
         act = ACTIVATIONS[cfg.activation]
         up_BxSxF = dense("up", cfg.d_model, cfg.ffn_dim, "embed", "mlp")(x_BxSxD)

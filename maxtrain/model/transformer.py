@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maxtrain.finetune import registry
 from maxtrain.model.attention import Attention, attention_mask
 from maxtrain.model.config import ModelConfig
 from maxtrain.model.heads import ClassifierHead, MlmHead, Pooler, pool_hidden
@@ -43,21 +44,31 @@ class Block(nn.Module):
     attention_kernel: str = "xla"  # see Attention.kernel
 
     @nn.compact
-    def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT, rope=None):
+    def __call__(self, x_BxSxD, positions_BxS, mask_BxSxT, rope=None, prefix_Px2xKxH=None):
+        """prefix_Px2xKxH: this layer's prefix keys/values (prefix tuning), else None."""
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, axis_name="norm", **kw)
         attn = Attention(
             cfg, name="attn", decode=self.decode, query_block=self.query_block, kernel=self.attention_kernel, **kw
         )
+        mlp = Mlp(cfg, name="mlp", **kw)
+
+        def sublayer(where, h):  # the finetuning hook on a sublayer's output, before the residual (adapters)
+            for m, c in registry.active(cfg):
+                if m.sublayer is not None:
+                    h = m.sublayer(self, c, where, h)
+            return h
+
         if cfg.norm_position == "post":
-            x_BxSxD = Norm(name="attn_norm", **norm)(x_BxSxD + attn(x_BxSxD, positions_BxS, mask_BxSxT, rope))
-            x_BxSxD = Norm(name="mlp_norm", **norm)(x_BxSxD + Mlp(cfg, name="mlp", **kw)(x_BxSxD))
+            a = sublayer("attn", attn(x_BxSxD, positions_BxS, mask_BxSxT, rope, prefix_Px2xKxH))
+            x_BxSxD = Norm(name="attn_norm", **norm)(x_BxSxD + a)
+            x_BxSxD = Norm(name="mlp_norm", **norm)(x_BxSxD + sublayer("mlp", mlp(x_BxSxD)))
             return nn.with_logical_constraint(x_BxSxD, _ACT), None
         h = Norm(name="attn_norm", **norm)(x_BxSxD)
-        x_BxSxD = x_BxSxD + attn(h, positions_BxS, mask_BxSxT, rope)
+        x_BxSxD = x_BxSxD + sublayer("attn", attn(h, positions_BxS, mask_BxSxT, rope, prefix_Px2xKxH))
         h = Norm(name="mlp_norm", **norm)(x_BxSxD)
-        x_BxSxD = x_BxSxD + Mlp(cfg, name="mlp", **kw)(h)
+        x_BxSxD = x_BxSxD + sublayer("mlp", mlp(h))
         return nn.with_logical_constraint(x_BxSxD, _ACT), None
 
 
@@ -108,11 +119,17 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),  # the last: per-layer prefix keys/values
             length=cfg.num_layers,
             unroll=cfg.num_layers if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.dtype, self.param_dtype, self.decode, self.attention_query_block, self.attention_kernel, name="layers")
+        # Finetuning methods with model-level parts (a soft prompt, prefix keys/values) keep
+        # them in a submodule named after the method (registry.py: `inputs`, `kv_prefix`).
+        for m, c in registry.active(cfg):
+            for make in (m.inputs, m.kv_prefix):
+                if make is not None:
+                    setattr(self, m.name, make(c, cfg, self.dtype, self.param_dtype))
         if cfg.norm_position == "pre":  # post-norm blocks end normed
             self.final_norm = Norm(cfg.norm, cfg.norm_eps, "norm", self.dtype, self.param_dtype)
         if cfg.pooler:
@@ -140,6 +157,13 @@ class Transformer(nn.Module):
         if cfg.type_vocab_size:
             types_BxS = jnp.zeros_like(tokens_BxS) if token_type_ids_BxS is None else token_type_ids_BxS
             x_BxSxD = x_BxSxD + jnp.take(self.token_type_embedding, types_BxS, axis=0).astype(self.dtype)
+        prefix_LxPx2xKxH = None
+        for m, c in registry.active(cfg):  # finetuning hooks on the input embeddings and keys/values
+            if m.inputs is not None:  # a soft prompt in front of each row (shared segment -1)
+                x_BxSxD, positions_BxS, segment_ids_BxS = getattr(self, m.name)(x_BxSxD, positions_BxS, segment_ids_BxS)
+            if m.kv_prefix is not None:  # prefix keys/values take positions 0..P-1
+                prefix_LxPx2xKxH = getattr(self, m.name)()
+                positions_BxS = positions_BxS + prefix_LxPx2xKxH.shape[1]
         if cfg.positions == "learned":
             rows_BxS = positions_BxS + cfg.position_offset if cfg.position_offset else positions_BxS
             x_BxSxD = x_BxSxD + jnp.take(self.position_embedding, rows_BxS, axis=0).astype(self.dtype)
@@ -147,10 +171,16 @@ class Transformer(nn.Module):
             x_BxSxD = self.embed_norm(x_BxSxD)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, _ACT)
         mask_BxSxT = attention_mask(segment_ids_BxS, causal=cfg.causal, sliding_window=cfg.sliding_window)
+        if prefix_LxPx2xKxH is not None:  # every real query sees the prefix; padding does not
+            b, s, p = mask_BxSxT.shape[0], mask_BxSxT.shape[1], prefix_LxPx2xKxH.shape[1]
+            sees_BxSxP = jnp.broadcast_to((segment_ids_BxS != 0)[:, :, None], (b, s, p))
+            mask_BxSxT = jnp.concatenate([sees_BxSxP, mask_BxSxT], axis=2)
         rope = None
         if cfg.positions == "rope":
             rope = rope_tables(positions_BxS, rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
-        x_BxSxD, _ = self.layers(x_BxSxD, positions_BxS, mask_BxSxT, rope)
+        x_BxSxD, _ = self.layers(x_BxSxD, positions_BxS, mask_BxSxT, rope, prefix_LxPx2xKxH)
+        x_BxSxD = x_BxSxD[:, x_BxSxD.shape[1] - tokens_BxS.shape[1] :]  # drop a soft prompt's states
+        segment_ids_BxS = segment_ids_BxS[:, segment_ids_BxS.shape[1] - tokens_BxS.shape[1] :]
         hidden_BxSxD = self.final_norm(x_BxSxD) if cfg.norm_position == "pre" else x_BxSxD
         if self.is_initializing():  # init creates every head the config names
             if cfg.pooler:
