@@ -69,6 +69,11 @@ def sequence_rewards(apply_fn: ApplyFn, params, batch: Batch, rng=None) -> jax.A
     b, m, d = h_BxMxD.shape
     # Each last token is its own one-token "row" for the head's `last` pooling.
     scores = apply_fn(params, h_BxMxD.reshape(b * m, 1, d), jnp.ones((b * m, 1), jnp.int32), method="class_logits")
+    # The reward is kernel . h: no bias, like the bias-free `score` of HF's ...ForSequenceClassification
+    # (a pairwise loss never sees a constant; centring would otherwise move it).
+    bias = params["classifier"]["out"].get("bias")
+    if bias is not None:
+        scores = scores - bias.astype(jnp.float32)
     return scores[:, 0].reshape(b, m).astype(jnp.float32)
 
 

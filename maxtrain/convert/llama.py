@@ -7,6 +7,10 @@ same rotate-half pairing as transformers.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 from maxtrain.convert.core import Family, Rule, first_present, linear, require, same
 from maxtrain.errors import UserError
 from maxtrain.model.config import ModelConfig
@@ -122,6 +126,9 @@ def hf_config(model_type: str, architecture: str):
             "rope_parameters": rope_parameters,
             "tie_word_embeddings": cfg.tie_embeddings,
         }
+        if scalar_head(cfg):  # a reward model: one score on the last real token
+            out.update(architectures=[architecture.replace("ForCausalLM", "ForSequenceClassification")], num_labels=1,
+                       id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         if model_type in ("llama", "qwen3"):
             out["attention_bias"] = cfg.qkv_bias
         if model_type == "llama":
@@ -152,7 +159,9 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         linear(p + "mlp.up_proj.weight", "layers/mlp/up/kernel", 1),
         linear(p + "mlp.down_proj.weight", "layers/mlp/down/kernel", 1),
     ]
-    if not cfg.tie_embeddings:
+    if scalar_head(cfg):  # ...ForSequenceClassification: the score replaces the LM head
+        out.append(_score_rule())
+    elif not cfg.tie_embeddings:
         out.append(linear("lm_head.weight", "lm_head/kernel", 1))
     if cfg.qkv_bias:
         out += [same(p + f"self_attn.{x}_proj.bias", f"layers/attn/{x}/bias", flat=True) for x in "qkv"]
@@ -163,6 +172,17 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     if cfg.qk_norm:
         out += [same(p + f"self_attn.{x}_norm.weight", f"layers/attn/{x}_norm/scale") for x in "qk"]
     return out
+
+
+def _score_rule() -> Rule:
+    """HF's bias-free score [1, D] <-> our one-label head (kernel [D, 1], bias [1]).
+
+    The reward objective never reads the bias (objectives_preference.sequence_rewards), so
+    the export leaves it out and an import sets it to zero.
+    """
+    score = linear("score.weight", "classifier/out/kernel", 1)
+    return Rule(score.hf, ("classifier/out/kernel", "classifier/out/bias"), score.hf_shape,
+                lambda a, s: (a.T.reshape(s[0]), np.zeros(s[1], a.dtype)), lambda xs: score.to_hf(xs[:1]))
 
 
 def exportable(model_type: str):
@@ -191,7 +211,34 @@ def exportable(model_type: str):
     return check
 
 
+def scalar_head(cfg: ModelConfig) -> bool:
+    """Whether the model is a reward model: a one-label head on the last token (heads.ClassifierHead).
+
+    It exports as ...ForSequenceClassification(num_labels=1), whose bias-free `score` reads
+    the last non-padding token; the reward objective never uses the head's bias, so the
+    scores are equal.
+    """
+    head = cfg.classifier
+    return head is not None and head.num_labels == 1 and head.pooling == "last"
+
+
+def _keep_scalar_head(plain: Family):
+    def export_model(cfg: ModelConfig) -> ModelConfig:
+        out = plain.exported_config(cfg)
+        if not scalar_head(cfg):
+            return out
+        # No LM head in ...ForSequenceClassification: the export's model ties (an input embedding only).
+        return out.model_copy(update={"classifier": cfg.classifier, "tie_embeddings": True})
+
+    return export_model
+
+
 def _family(model_type: str, architecture: str, add_bos: bool) -> Family:
+    plain = _plain_family(model_type, architecture, add_bos)
+    return dataclasses.replace(plain, export_model=_keep_scalar_head(plain))
+
+
+def _plain_family(model_type: str, architecture: str, add_bos: bool) -> Family:
     return Family(
         name=model_type,
         model_types=(model_type,),
