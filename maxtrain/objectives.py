@@ -124,23 +124,31 @@ def causal_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0, loss_chunk: i
 
     def objective(params, batch: Batch, rng: jax.Array):
         del rng  # no dropout in the base stack
-        inputs = (params, batch["tokens"], batch["positions"], batch["segment_ids"])
-        w_BxS = batch["loss_weights"].astype(jnp.float32)
-        if loss_chunk:
-            hidden_BxSxD = apply_fn(*inputs, return_hidden=True)
-            # The head sees every top-level parameter but the layer stack (tied embedding or lm_head).
-            head = {k: v for k, v in params.items() if k != "layers"}
-            logits_of = lambda head, h: apply_fn(head, h, method="logits")  # noqa: E731
-            loss_sum, sums = chunked_lm_loss(logits_of, head, hidden_BxSxD, batch["targets"], w_BxS, chunk=loss_chunk, z_loss=z_loss)
-        else:
-            sums = weighted_sums(*token_cross_entropy(apply_fn(*inputs), batch["targets"]), w_BxS)
-            loss_sum = sums["nll"] + z_loss * sums["z"]
-        metrics = {"weight": jnp.sum(w_BxS), "nll": sums["nll"], "correct": sums["correct"]}
-        if z_loss:
-            metrics["z_loss"] = z_loss * sums["z"]
-        return loss_sum, metrics
+        hidden_BxSxD = apply_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        logits_of = lambda head, h: apply_fn(head, h, method="logits")  # noqa: E731  (tied embedding or lm_head)
+        return vocabulary_loss(logits_of, params, hidden_BxSxD, batch, z_loss=z_loss, loss_chunk=loss_chunk)
 
     return objective
+
+
+def vocabulary_loss(logits_of, params, hidden_BxSxD: jax.Array, batch: Batch, *, z_loss: float, loss_chunk: int):
+    """(loss sum, metric sums) of a vocabulary head on `targets` weighted by `loss_weights`.
+
+    logits_of: (params, hidden) -> logits (the LM head, or the MLM head). loss_chunk > 0 runs
+    it over sequence chunks (chunked_lm_loss) with only the head's parameters: every
+    top-level parameter but the layer stack (embedding, lm_head or mlm_head).
+    """
+    w_BxS = batch["loss_weights"].astype(jnp.float32)
+    if loss_chunk:
+        head = {k: v for k, v in params.items() if k != "layers"}
+        loss_sum, sums = chunked_lm_loss(logits_of, head, hidden_BxSxD, batch["targets"], w_BxS, chunk=loss_chunk, z_loss=z_loss)
+    else:
+        sums = weighted_sums(*token_cross_entropy(logits_of(params, hidden_BxSxD), batch["targets"]), w_BxS)
+        loss_sum = sums["nll"] + z_loss * sums["z"]
+    metrics = {"weight": jnp.sum(w_BxS), "nll": sums["nll"], "correct": sums["correct"]}
+    if z_loss:
+        metrics["z_loss"] = z_loss * sums["z"]
+    return loss_sum, metrics
 
 
 def _dropout_rngs(rng: jax.Array | None) -> dict:
@@ -196,18 +204,7 @@ def masked_lm_objective(apply_fn: ApplyFn, *, z_loss: float = 0.0, loss_chunk: i
         hidden_BxSxD = apply_fn(
             params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True, **kw, **_dropout_rngs(rng)
         )
-        w_BxS = batch["loss_weights"].astype(jnp.float32)
-        if loss_chunk:
-            head = {k: v for k, v in params.items() if k != "layers"}  # the MLM head and the tied embedding
-            logits_of = lambda head, h: apply_fn(head, h, method="mlm_logits")  # noqa: E731
-            loss_sum, sums = chunked_lm_loss(logits_of, head, hidden_BxSxD, batch["targets"], w_BxS, chunk=loss_chunk, z_loss=z_loss)
-        else:
-            logits_BxSxV = apply_fn(params, hidden_BxSxD, method="mlm_logits")
-            sums = weighted_sums(*token_cross_entropy(logits_BxSxV, batch["targets"]), w_BxS)
-            loss_sum = sums["nll"] + z_loss * sums["z"]
-        metrics = {"weight": jnp.sum(w_BxS), "nll": sums["nll"], "correct": sums["correct"]}
-        if z_loss:
-            metrics["z_loss"] = z_loss * sums["z"]
-        return loss_sum, metrics
+        logits_of = lambda head, h: apply_fn(head, h, method="mlm_logits")  # noqa: E731
+        return vocabulary_loss(logits_of, params, hidden_BxSxD, batch, z_loss=z_loss, loss_chunk=loss_chunk)
 
     return objective
