@@ -99,6 +99,27 @@ def classification_accuracy(exp, tok, records: list[dict], fmt, *, seq_len: int,
     return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n, "count": int(totals["weight"])}
 
 
+def preference_accuracy(exp, tok, records: list[dict], fmt, *, seq_len: int, batch_size: int) -> dict[str, Any]:
+    """Held-out pairwise accuracy (reward: r_chosen > r_rejected; dpo: rewards/accuracies), mean loss and the
+    objective's other metrics over preference `records`, pairs packed whole as in training."""
+    from maxtrain.data.formats import RecordEncoder
+    from maxtrain.data.lanes import LaneBatcher
+
+    encode = RecordEncoder(fmt, tok)
+    docs = [encode(r, f"eval record {i + 1}") for i, r in enumerate(records)]
+    batches = LaneBatcher(docs, global_batch=batch_size, rows=range(batch_size), seq_len=seq_len, pad_id=tok.pad_id,
+                          fill="whole", too_long=fmt.too_long, fields=fmt.batch_fields())  # fmt: skip
+    totals: dict[str, float] = defaultdict(float)
+    for batch in batches:
+        sums = jax.device_get(exp.eval_step(exp.state.params, jax.device_put(batch, exp.batch_sharding)))
+        for k, v in sums.items():
+            totals[k] += float(v)
+    n = max(totals["weight"], 1.0)
+    out = {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n, "count": int(totals["weight"])}
+    out.update({k: v / n for k, v in totals.items() if k not in ("weight", "correct", "loss_sum")})
+    return out
+
+
 def _params_path(cfg, given: str | None) -> str:
     if given:
         return given
@@ -111,7 +132,8 @@ def _params_path(cfg, given: str | None) -> str:
 
 def evaluate_task(cfg, data: str, *, params: str | None = None, max_new_tokens: int = 32, limit: int | None = None,
                   batch_size: int = 64) -> dict[str, Any]:
-    """Exact-match (sft format) or classification accuracy of the configured model on a JSONL file."""
+    """Exact-match (sft format), classification accuracy or pairwise preference accuracy (preference format:
+    reward models and DPO) of the configured model on a JSONL file."""
     from maxtrain.data import build_tokenizer
     from maxtrain.data.formats import template_for
     from maxtrain.experiment import build_experiment, compute_dtype, finetuned_model_config
@@ -130,6 +152,8 @@ def evaluate_task(cfg, data: str, *, params: str | None = None, max_new_tokens: 
         exp.state = exp.state.replace(params=load_pretrained(path, exp.state.params))
         if fmt.type == "classification":
             result = classification_accuracy(exp, tok, records, fmt, seq_len=cfg.train.seq_len, batch_size=batch_size)
+        elif fmt.type == "preference":
+            result = preference_accuracy(exp, tok, records, fmt, seq_len=cfg.train.seq_len, batch_size=batch_size)
         else:
             from maxtrain.generate import Generator
 

@@ -117,3 +117,18 @@ def test_bad_record_in_the_pipeline_is_one_clear_error(tok, tmp_path):
     with pytest.raises(UserError, match="bad record.*missing field 'rejected'"):
         with build_pipeline(cfg, tok, split="train", seq_len=32, global_batch=1, seed=0) as it:
             next(it)
+
+
+def test_task_suite_writes_pairs_with_the_right_answer_chosen(tok, tmp_path):
+    from maxtrain.tasks.synthetic import write_suite
+
+    paths = write_suite(tmp_path, train=200, eval=40, seed=0)
+    sft = {r["instruction"]: r["output"] for r in map(json.loads, paths["train"].read_text().splitlines())}
+    pairs = [json.loads(line) for line in paths["pref_train"].read_text().splitlines()]
+    held = [json.loads(line) for line in paths["pref_eval"].read_text().splitlines()]
+    assert len(pairs) == 200 and len(held) == 40 and not {p["prompt"] for p in pairs} & {p["prompt"] for p in held}
+    enc = RecordEncoder(PreferenceFormat(template="plain"), tok)
+    for p in pairs:
+        assert p["chosen"] == sft[p["prompt"]] and p["rejected"] != p["chosen"] and p["rejected"]
+        assert "bad" not in enc(p, "pairs")
+    assert {p["task"] for p in pairs} == {"reverse", "sort", "add", "lookup"}

@@ -89,8 +89,39 @@ def classification_records(n: int, seed: int, exclude: set[str] = frozenset()) -
     return _distinct(n, seed, exclude, draw, "classification texts")
 
 
+def wrong_answer(record: dict, rng: random.Random) -> str:
+    """A plausible wrong reply to an instruction record: one slip a half-trained model makes."""
+    prompt, answer, task = record["instruction"], record["output"], record["task"]
+    xs = answer.split(" ")
+    if task in ("reverse", "sort"):
+        given = prompt.split(": ", 1)[1].split(" ")
+        if given != xs and rng.random() < 0.5:
+            return " ".join(given)  # the input unchanged
+        for _ in range(20):  # two symbols swapped
+            i, j = rng.sample(range(len(xs)), 2)
+            ys = list(xs)
+            ys[i], ys[j] = ys[j], ys[i]
+            if ys != xs:
+                return " ".join(ys)
+        return " ".join(xs[:-1])  # all symbols equal: one dropped
+    if task == "add":
+        total = int("".join(xs))
+        wrong = total + rng.choice([d for d in (-10, -1, 1, 10) if total + d >= 0])
+        return " ".join(str(wrong))
+    values = [v for v in prompt.split(" = ")[1:] for v in [v.split(" ")[0]] if v != answer]
+    return rng.choice(values) if values else str((int(answer) + 1) % 10)  # lookup: another key's value
+
+
+def preference_records(records: list[dict], seed: int) -> list[dict]:
+    """{prompt, chosen, rejected, task}: chosen is the correct answer, rejected a plausible wrong one."""
+    rng = random.Random(seed)
+    return [{"prompt": r["instruction"], "chosen": r["output"], "rejected": wrong_answer(r, rng), "task": r["task"]}
+            for r in records]
+
+
 def write_suite(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, tasks=tuple(TASKS)) -> dict[str, Path]:
-    """Write train.jsonl / eval.jsonl (instructions) and cls_train.jsonl / cls_eval.jsonl; returns the paths."""
+    """Write train.jsonl / eval.jsonl (instructions), cls_train.jsonl / cls_eval.jsonl and the same prompts
+    as preference pairs pref_train.jsonl / pref_eval.jsonl; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_recs = instruction_records(train, seed, tasks)
@@ -98,7 +129,9 @@ def write_suite(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, ta
     cls_train = classification_records(train, seed + 2)
     cls_eval = classification_records(max(eval, 30), seed + 3, exclude={r["text"] for r in cls_train})
     paths = {}
-    for name, recs in (("train", train_recs), ("eval", eval_recs), ("cls_train", cls_train), ("cls_eval", cls_eval)):
+    pref_train, pref_eval = preference_records(train_recs, seed + 4), preference_records(eval_recs, seed + 5)
+    for name, recs in (("train", train_recs), ("eval", eval_recs), ("cls_train", cls_train), ("cls_eval", cls_eval),
+                       ("pref_train", pref_train), ("pref_eval", pref_eval)):
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
     return paths
@@ -117,7 +150,7 @@ def register_commands(sub) -> None:
 
     p = sub.add_parser("tasks", help="built-in synthetic task suites: maxtrain tasks make OUT_DIR")
     tsub = p.add_subparsers(dest="tasks_command", required=True)
-    make = tsub.add_parser("make", help="write train/eval instruction JSONL and a classification JSONL pair")
+    make = tsub.add_parser("make", help="write train/eval instruction JSONL, a classification pair and preference pairs")
     make.add_argument("out", help="output directory")
     make.add_argument("--train", type=int, default=2000, help="training records per file")
     make.add_argument("--eval", type=int, default=200, help="held-out records (prompts never in training)")
