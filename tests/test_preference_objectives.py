@@ -112,6 +112,10 @@ def test_microbatches_equal_the_full_batch_and_compile_once(extra):
     for x, y in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(micro.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6)
     assert full.train_step._cache_size() == 1
+    # Another mesh (2-way data x 4-way fsdp instead of 4-way fsdp x 2-way tensor): the same losses.
+    _, m3 = _train(extra + ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"], batches)
+    for a, c in zip(m1, m3):
+        assert a["loss"] == pytest.approx(c["loss"], rel=1e-5, abs=1e-6)
 
 
 def test_dpo_learns_and_keeps_the_frozen_reference_bitwise():
