@@ -82,3 +82,49 @@ def test_bad_method_config_is_one_line_exit_2_nothing_written(case, tmp_path, ca
     for fragment in expected:
         assert fragment in err, err
     assert not (tmp_path / "run").exists()
+
+
+class _CharTokenizer:
+    def encode(self, text):
+        return [ord(c) % 128 for c in text]
+
+
+def test_init_from_sets_the_soft_prompt_from_text_or_vocabulary_and_generation_matches_the_forward(tmp_path):
+    """init: text -> the embeddings of the text's tokens (repeated to length); vocab -> sampled rows of the loaded embedding.
+
+    Then KV-cache generation (greedy, through Generator) equals re-running the full forward on the growing sequence.
+    """
+    from maxtrain.checkpoint import save_params
+    from maxtrain.checkpoint.resume import init_state_from
+    from maxtrain.experiment import finetuned_model_config
+    from maxtrain.generate import Generator, Sampling
+
+    base_cfg = load_config(None, TINY)
+    base = build_experiment(base_cfg, devices=jax.devices()[:1])
+    save_params(tmp_path / "base", base.state.params, cfg=base_cfg)
+    emb = np.asarray(base.state.params["embedding"])
+    for init, text in (("text", "abc"), ("vocab", None)):
+        extra = f", text: {text}" if text else ""
+        cfg = load_config(None, TINY + [f"finetune.prompt_tuning={{num_virtual_tokens: 4, init: {init}{extra}}}"])
+        exp = build_experiment(cfg, devices=jax.devices()[:1])
+        params = init_state_from(exp, str(tmp_path / "base"), _CharTokenizer()).params
+        soft = np.asarray(params["prompt_tuning"]["embedding"])
+        if init == "text":
+            np.testing.assert_array_equal(soft, emb[[97, 98, 99, 97]])
+        else:
+            assert all(any(np.array_equal(row, e) for e in emb) for row in soft)
+        np.testing.assert_array_equal(np.asarray(params["embedding"]), emb)  # the base itself is loaded unchanged
+
+    prompt = [5, 9, 17, 33, 2]
+    for method in ("prompt_tuning={num_virtual_tokens: 4}", "prefix_tuning={num_virtual_tokens: 4, reparameterize: true}"):
+        cfg = load_config(None, TINY + ["finetune." + method])
+        exp = build_experiment(cfg, devices=jax.devices()[:1])
+        params = jax.tree.map(lambda x: x + 0.0, exp.state.params)
+        gen = Generator(finetuned_model_config(cfg), params, mesh=exp.mesh, rules=cfg.mesh.rules)
+        got = gen.generate([prompt], Sampling(max_new_tokens=6))[0]
+        forward = jax.jit(exp.apply_fn)
+        seq = list(prompt)
+        for _ in range(6):  # causal: the logits at the last real token ignore the zeros after it
+            logits = np.asarray(forward(params, np.array([seq + [0] * (11 - len(seq))], np.int32)))
+            seq.append(int(logits[0, len(seq) - 1].argmax()))
+        assert got == seq[len(prompt):], (method, got, seq)
