@@ -78,6 +78,19 @@ def test_ia3_exports_merged_and_adapters_are_refused_in_one_line(tmp_path, capsy
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert np.abs(_hf_logits(merged) - ours).max() <= 1e-4
 
+    # maxtrain's own merged export: a base model (ia3: null) with the adapted logits; a generator rebuilds it.
+    from maxtrain.checkpoint import read_metadata
+    from maxtrain.generate import load_generator
+
+    assert main(["export", str(run), str(tmp_path / "merged_mt"), "--merge"]) == 0
+    assert read_metadata(tmp_path / "merged_mt")["model"]["ia3"] is None
+    generator, _, _ = load_generator(str(tmp_path / "merged_mt"), devices=jax.devices()[:1])
+    assert generator.cfg.ia3 is None
+    from maxtrain.model.transformer import Transformer
+
+    logits = np.asarray(Transformer(generator.cfg).apply({"params": generator.params}, TOKENS))
+    assert np.abs(logits - ours).max() <= 1e-4
+
     run, _ = _run("adapter", tmp_path / "a")
     for extra in ([], ["--peft-adapter", str(tmp_path / "adapter")]):
         capsys.readouterr()
@@ -85,3 +98,6 @@ def test_ia3_exports_merged_and_adapters_are_refused_in_one_line(tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "finetune.adapter" in err and "maxtrain export" in err, err
         assert not (tmp_path / "hf").exists() and not (tmp_path / "adapter").exists()
+    assert main(["export", str(run), str(tmp_path / "m"), "--merge"]) == 2  # adapters do not merge
+    assert "finetune.adapter cannot be merged" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

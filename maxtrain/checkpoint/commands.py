@@ -29,8 +29,8 @@ def export_params(checkpoint: str, out_dir: str, *, merge_lora: bool = False) ->
 
     The arrays are restored onto this host's devices with a replicated-free layout (one
     device, no mesh needed) and written once; the tokenizer file saved by the run is copied.
-    merge_lora: fold a LoRA run's adapters into the weights; the export is then a base model
-    (`lora: null`) that loads and finetunes like any pretrained one.
+    merge_lora: fold a LoRA / (IA)^3 run's method into the weights; the export is then a base
+    model (`lora: null`, `ia3: null`) that loads and finetunes like any pretrained one.
     """
     import shutil
 
@@ -49,14 +49,19 @@ def export_params(checkpoint: str, out_dir: str, *, merge_lora: bool = False) ->
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
     params = restore_tree(source.params_dir, abstract)
     extra = {k: meta[k] for k in ("source", "hf_tokenizer") if source.kind == "export" and k in meta}
-    if merge_lora:
-        from maxtrain.finetune.lora import merge_lora as merge
+    if merge_lora:  # every mergeable method (registry: LoRA, (IA)^3); the others refuse
+        from maxtrain.finetune import registry
 
-        if cfg.finetune.lora is None:
-            raise UserError(f"'{checkpoint}' is not a LoRA run (finetune.lora is not set); drop --merge-lora")
-        params = merge(params, cfg.finetune.lora)
-        extra["merged_lora"] = cfg.finetune.lora.model_dump(mode="json")
-        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lora": None})})
+        for m, c in registry.active(cfg.finetune):
+            if m.efficient and m.merge_params is None:
+                raise UserError(f"finetune.{m.name} cannot be merged into the weights; export without --merge")
+        mergeable = [(m, c) for m, c in registry.active(cfg.finetune) if m.merge_params is not None]
+        if not mergeable:
+            raise UserError(f"'{checkpoint}' has no LoRA or IA3 to merge (finetune.lora / finetune.ia3 are not set); drop --merge")
+        for m, c in mergeable:
+            params = m.merge_params(params, c)
+            extra[f"merged_{m.name}"] = c.model_dump(mode="json")
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={m.name: None for m, _ in mergeable})})
     tokenizer = source.tokenizer_file()
     if tokenizer is None:
         log.warning("no tokenizer file next to the checkpoint: the export has none (set it when loading)")
@@ -87,6 +92,6 @@ def register_commands(sub) -> None:
     )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
-    p.add_argument("--merge-lora", action="store_true",
-                   help="LoRA runs: fold the adapters into the weights (the export loads with lora: null)")
+    p.add_argument("--merge", "--merge-lora", dest="merge_lora", action="store_true",
+                   help="LoRA / IA3 runs: fold the method into the weights (the export loads as a base model)")
     p.set_defaults(func=_cmd_export)
