@@ -156,3 +156,21 @@ def test_precomputed_reference_reads_the_batch():
     w = pair_mask(seg)
     assert float(sums["rewards/chosen"]) == pytest.approx(float(jnp.sum(0.1 * (pc - rc) * w)), rel=1e-5)
     assert float(jnp.sum(rr * w)) == pytest.approx(-2.0 * float(jnp.sum(w)))
+
+
+def test_lora_base_reference_needs_no_second_copy_of_the_weights():
+    # Weights dominate this shape (36 MB of params, <1 MB of logits): a copy of the base for the
+    # reference would show in the compiled step's temporaries. DPO's step needs what SFT's needs.
+    shape = ["model=tiny-llama", "model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "model.ffn_dim=2048",
+             "model.vocab_size=512", "train.global_batch=8", "train.seq_len=48", "data.format.type=preference",
+             "finetune.lora={rank: 4, alpha: 8.0, targets: [q, v]}"]  # fmt: skip
+    batch = pref_batches(1)[0]
+    temp = {}
+    for objective in ("sft", "dpo"):
+        exp = build_experiment(load_config(None, shape + [f"train.objective={objective}"]), devices=jax.devices()[:1])
+        with jax.set_mesh(exp.mesh):
+            compiled = exp.train_step.lower(exp.state, jax.device_put(batch, exp.batch_sharding)).compile()
+        temp[objective] = compiled.memory_analysis().temp_size_in_bytes
+        param_bytes = sum(x.nbytes for x in jax.tree.leaves(exp.state.params))
+    assert param_bytes > 30e6
+    assert temp["dpo"] - temp["sft"] < 0.05 * param_bytes, (temp, param_bytes)
