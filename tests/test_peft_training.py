@@ -6,6 +6,8 @@ Stated margins (nats of loss removed; measured on 2 CPU cores: adapter 1.47, pro
 prefix 0.59, ia3 0.39); the base weights stay bitwise unchanged.
 """
 
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from maxtrain.cli import main
 from maxtrain.config import load_config
 from maxtrain.experiment import build_experiment
 from maxtrain.finetune.trainable import count_params, path_name, tree_bytes
+from maxtrain.step import build_train_step
 from tests.synthetic import random_batch
 
 TINY = ["model=tiny-llama", "model.vocab_size=128", "model.d_model=32", "model.ffn_dim=64", "train.global_batch=4",
@@ -51,6 +54,9 @@ def test_method_trains_only_its_leaves_on_the_one_step_compiled_once(name):
             exp.state, metrics = exp.train_step(exp.state, batch)
             losses.append(float(metrics["loss"]))
     assert exp.train_step._cache_size() == 1
+    # The same step function as every other mode (tests/test_finetune.py): only its arguments differ.
+    inner = [c for c in build_train_step.__code__.co_consts if inspect.iscode(c) and c.co_name == "train_step"][0]
+    assert exp.train_step.__wrapped__.__code__ is inner
     assert losses[0] - losses[-1] >= MARGIN[name], (name, losses[0], losses[-1])
     after, ts = _flat(exp.state.params), exp.trainable
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
