@@ -60,7 +60,7 @@ def test_packed_sequence_logps_equal_each_sequence_alone():
     logps, counts = sequence_logps(exp.apply_fn, exp.state.params, batch)
     logps = np.asarray(logps)
     for row in (0,):
-        for s in range(1, int(batch["segment_ids"][row].max()) + 1):
+        for s in range(1, min(4, int(batch["segment_ids"][row].max())) + 1):  # two pairs (one compile per length)
             idx = np.flatnonzero(batch["segment_ids"][row] == s)
             toks = batch["tokens"][row, idx][None]
             logits = exp.apply_fn(exp.state.params, jnp.asarray(toks))
@@ -112,6 +112,8 @@ def test_microbatches_equal_the_full_batch_and_compile_once(extra):
     for x, y in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(micro.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6)
     assert full.train_step._cache_size() == 1
+    if "train.objective=reward" in extra:
+        return  # the mesh check below is the step's, once is enough
     # Another mesh (2-way data x 4-way fsdp instead of 4-way fsdp x 2-way tensor): the same losses.
     _, m3 = _train(extra + ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"], batches)
     for a, c in zip(m1, m3):
