@@ -31,6 +31,10 @@ def encode_with_masks(tok, text: str) -> np.ndarray:
     for i, part in enumerate(parts):
         if i:
             ids.append(tok.mask_id)
+        if i < len(parts) - 1 and part.endswith(" "):
+            # The space before a mask belongs to the masked word, as in "a<mask>" = "a" + " list":
+            # word pieces carry their leading space (RoBERTa's <mask> strips it the same way).
+            part = part[:-1]
         ids += tok.encode(part) if part else []
     return np.asarray(ids + [tok.eos_id], np.int32)
 
