@@ -54,20 +54,10 @@ def _maxtrain(args, pairs):
 
     from maxtrain.config import load_config
     from maxtrain.data.lanes import LaneBatcher
-    from maxtrain.data.preference import SEQUENCE_FIELDS
+    from maxtrain.data.preference import SEQUENCE_FIELDS, pair_element_from_ids
     from maxtrain.experiment import build_experiment
 
-    docs = []
-    for p, c, r in pairs:
-        seqs = [np.asarray(p + c, np.int32), np.asarray(p + r, np.int32)]
-        ws = []
-        for s in seqs:
-            w = np.zeros(len(s), np.float32)
-            w[len(p) - 1 : -1] = 1.0
-            ws.append(w)
-        docs.append({"tokens": np.concatenate(seqs), "weights": np.concatenate(ws),
-                     "segments": np.r_[np.ones(len(seqs[0])), np.full(len(seqs[1]), 2)].astype(np.int32),
-                     "sequence_fields": {k: np.zeros(2, np.float32) for k in SEQUENCE_FIELDS}})  # fmt: skip
+    docs = [pair_element_from_ids(p, c, r) for p, c, r in pairs]
     # Rows: the fewest (a multiple of the device count) whose first batch holds every pair whole.
     n_dev = len(jax.devices())
     rows = n_dev

@@ -11,7 +11,7 @@ import pytest
 
 from maxtrain.config import load_config
 from maxtrain.data.lanes import LaneBatcher
-from maxtrain.data.preference import SEQUENCE_FIELDS
+from maxtrain.data.preference import SEQUENCE_FIELDS, pair_element_from_ids
 from maxtrain.experiment import build_experiment, build_objective
 from maxtrain.objectives import token_cross_entropy
 from maxtrain.objectives_preference import pairs, sequence_logps
@@ -32,18 +32,8 @@ def pair_elements(n: int, vocab: int, seed: int = 0) -> list[dict]:
         k = int(rng.integers(2, 5))
         good = list(2 * rng.integers(2, vocab // 2, k))
         bad = list(2 * rng.integers(2, vocab // 2, k) + 1)
-        seqs = [np.asarray(prompt + good + [2], np.int32), np.asarray(prompt + bad + [2], np.int32)]
-        weights = []
-        for s in seqs:
-            w = np.zeros(len(s), np.float32)
-            w[len(prompt) - 1 : -1] = 1.0
-            weights.append(w)
-        out.append({
-            "tokens": np.concatenate(seqs), "weights": np.concatenate(weights),
-            "segments": np.r_[np.full(len(seqs[0]), 1), np.full(len(seqs[1]), 2)].astype(np.int32),
-            "sequence_fields": {"sequence_margin": np.asarray([0.0, 0.0], np.float32),
-                                "reference_logps": np.asarray([-1.0 - i % 3, -2.0], np.float32)},
-        })  # fmt: skip
+        out.append(pair_element_from_ids([int(t) for t in prompt], [int(t) for t in good] + [2], [int(t) for t in bad] + [2],
+                                         reference_logps=(-1.0 - i % 3, -2.0)))
     return out
 
 

@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets")
 
 from maxtrain.convert import convert_from_hf  # noqa: E402
 from maxtrain.data.lanes import LaneBatcher  # noqa: E402
-from maxtrain.data.preference import SEQUENCE_FIELDS  # noqa: E402
+from maxtrain.data.preference import SEQUENCE_FIELDS, pair_element_from_ids  # noqa: E402
 from maxtrain.generate import load_generator  # noqa: E402
 from maxtrain.model.config import ClassifierConfig  # noqa: E402
 from maxtrain.objectives_preference import dpo_objective, pairs, reward_objective, sequence_logps  # noqa: E402
@@ -41,18 +41,8 @@ def _maxtrain(hf_model, path):
 
 def _batch(ref_logps=None):
     """All pairs packed into one row (the maxtrain layout), reference log-probs on last tokens."""
-    docs = []
-    for i, (p, c, r) in enumerate(PAIRS):
-        seqs = [np.asarray(p + c, np.int32), np.asarray(p + r, np.int32)]
-        ws = []
-        for s in seqs:
-            w = np.zeros(len(s), np.float32)
-            w[len(p) - 1 : -1] = 1.0
-            ws.append(w)
-        refs = np.zeros(2, np.float32) if ref_logps is None else np.asarray(ref_logps[i], np.float32)
-        docs.append({"tokens": np.concatenate(seqs), "weights": np.concatenate(ws),
-                     "segments": np.r_[np.ones(len(seqs[0])), np.full(len(seqs[1]), 2)].astype(np.int32),
-                     "sequence_fields": {"sequence_margin": np.zeros(2, np.float32), "reference_logps": refs}})  # fmt: skip
+    docs = [pair_element_from_ids(p, c, r, reference_logps=(0.0, 0.0) if ref_logps is None else ref_logps[i])
+            for i, (p, c, r) in enumerate(PAIRS)]
     it = LaneBatcher(docs, global_batch=1, rows=[0], seq_len=64, pad_id=0, fill="whole", fields=SEQUENCE_FIELDS)
     return next(it)
 

@@ -114,13 +114,33 @@ class PreferenceEncoder:
         (c_ids, c_w), (r_ids, r_w) = self._sequence(prompt, chosen), self._sequence(prompt, rejected)
         if np.array_equal(c_ids, r_ids):
             return {"bad": (where, "chosen and rejected tokenize identically")}
-        return {
-            "tokens": np.concatenate([c_ids, r_ids]).astype(np.int32),
-            "weights": np.concatenate([c_w, r_w]),
-            "segments": np.concatenate([np.full(len(c_ids), 1, np.int32), np.full(len(r_ids), 2, np.int32)]),
-            "sequence_fields": {"sequence_margin": np.asarray([margin, 0.0], np.float32),
-                                "reference_logps": np.asarray(refs, np.float32)},
-        }
+        return pair_element((c_ids, c_w), (r_ids, r_w), margin=margin, reference_logps=refs)
+
+
+def pair_element(chosen, rejected, *, margin: float = 0.0, reference_logps=(0.0, 0.0)) -> dict:
+    """The pipeline element of one pair: chosen then rejected, segments 1 and 2 of one row.
+
+    chosen, rejected: (token ids, per-target weights) of each whole sequence (prompt + reply).
+    """
+    (c_ids, c_w), (r_ids, r_w) = chosen, rejected
+    return {
+        "tokens": np.concatenate([c_ids, r_ids]).astype(np.int32),
+        "weights": np.concatenate([c_w, r_w]).astype(np.float32),
+        "segments": np.concatenate([np.full(len(c_ids), 1, np.int32), np.full(len(r_ids), 2, np.int32)]),
+        "sequence_fields": {"sequence_margin": np.asarray([margin, 0.0], np.float32),
+                            "reference_logps": np.asarray(reference_logps, np.float32)},
+    }
+
+
+def pair_element_from_ids(prompt: list[int], chosen: list[int], rejected: list[int], **kw) -> dict:
+    """pair_element of token-id lists: each reply (not the shared prompt) weighted (tests, benchmarks)."""
+    def sequence(reply):
+        ids = np.asarray(prompt + reply, np.int32)
+        w = np.zeros(len(ids), np.float32)
+        w[len(prompt) - 1 : -1] = 1.0  # weights[j] weighs predicting token j+1: the reply's tokens
+        return ids, w
+
+    return pair_element(sequence(chosen), sequence(rejected), **kw)
 
 
 def cut_sequences(element: dict, seq_len: int) -> dict | None:
