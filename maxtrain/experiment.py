@@ -102,25 +102,35 @@ def build_objective(cfg: RunConfig, apply_fn) -> Objective:
         "sft": lambda: sft_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
         "classification": lambda: classification_objective(apply_fn),
         "masked_lm": lambda: masked_lm_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
-        "reward": lambda: preference_objective(cfg, apply_fn),
-        "dpo": lambda: preference_objective(cfg, apply_fn),
+        "reward": lambda: reward_model_objective(cfg, apply_fn),
+        "dpo": lambda: direct_preference_objective(cfg, apply_fn),
     }
     return objectives[cfg.train.objective]()
 
 
-def preference_objective(cfg: RunConfig, apply_fn) -> Objective:
-    """The reward or DPO objective of the run, after checking that the run can train it."""
-    from maxtrain.objectives_preference import dpo_objective, reward_objective
-
-    pref = cfg.train.preference
+def _needs_pairs(cfg: RunConfig) -> None:
     if cfg.data.format.type != "preference":
         raise UserError(f"train.objective={cfg.train.objective} needs preference pairs; set data.format.type=preference")
-    if cfg.train.objective == "reward":
-        head = cfg.finetune.classifier
-        if head is None or head.num_labels != 1 or head.pooling != "last":
-            raise UserError("train.objective=reward needs a scalar head on the last token; "
-                            "set finetune.classifier={num_labels: 1, pooling: last}")
-        return reward_objective(apply_fn, center_rewards=pref.center_rewards)
+
+
+def reward_model_objective(cfg: RunConfig, apply_fn) -> Objective:
+    """The Bradley-Terry reward objective, after checking the run has pairs and a scalar last-token head."""
+    from maxtrain.objectives_preference import reward_objective
+
+    _needs_pairs(cfg)
+    head = cfg.finetune.classifier
+    if head is None or head.num_labels != 1 or head.pooling != "last":
+        raise UserError("train.objective=reward needs a scalar head on the last token; "
+                        "set finetune.classifier={num_labels: 1, pooling: last}")
+    return reward_objective(apply_fn, center_rewards=cfg.train.preference.center_rewards)
+
+
+def direct_preference_objective(cfg: RunConfig, apply_fn) -> Objective:
+    """The DPO objective, after checking the run has pairs and the reference it names."""
+    from maxtrain.objectives_preference import dpo_objective
+
+    _needs_pairs(cfg)
+    pref = cfg.train.preference
     if pref.reference == "adapters_off" and cfg.finetune.lora is None:
         raise UserError("train.preference.reference=adapters_off needs LoRA adapters (finetune.lora); "
                         "add them, or precompute reference log-probs and set train.preference.reference=precomputed")
