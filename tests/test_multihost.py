@@ -55,13 +55,12 @@ def run_steps(exp, run_dir: Path, *, first: int, last: int, save_at: int | None 
     restore: start from run_dir's latest checkpoint instead of exp.state (then `first` must follow it).
     """
     import jax
-    import numpy as np
 
     sys.path.insert(0, str(REPO / "tests"))
     from synthetic import random_batch
 
     from maxtrain.checkpoint import TrainCheckpointer
-    from maxtrain.data import make_global_batch
+    from maxtrain.data import local_rows, make_global_batch
 
     cfg = exp.cfg
     ckpt = TrainCheckpointer(Path(run_dir) / "checkpoints", cfg.checkpoint, cfg=cfg, tokenizer_identity=None)
@@ -74,9 +73,7 @@ def run_steps(exp, run_dir: Path, *, first: int, last: int, save_at: int | None 
             # Two batches in turn: a tiny model learns them within 5 steps, so the losses move.
             full = random_batch(cfg.train.global_batch, cfg.train.seq_len, cfg.model.vocab_size, seed=step % 2, docs_per_row=2)
             # The rows this process's devices hold, in order: what its data pipeline would read.
-            index_map = exp.batch_sharding.addressable_devices_indices_map(full["tokens"].shape)
-            spans = sorted({(s[0].start or 0, s[0].stop) for s in index_map.values()})
-            rows = np.concatenate([np.arange(a, b) for a, b in spans])
+            rows = local_rows(exp.batch_sharding, cfg.train.global_batch)
             batch = make_global_batch({k: v[rows] for k, v in full.items()}, exp.batch_sharding)
             exp.state, metrics = exp.train_step(exp.state, batch)
             losses[step] = float(jax.device_get(metrics["loss"]))
