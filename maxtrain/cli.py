@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     from maxtrain.harness import register_commands as register_harness_commands
 
     register_harness_commands(sub)
+    from maxtrain.reward_model import register_commands as register_score_commands; register_score_commands(sub)  # noqa: E702
     return parser
 
 

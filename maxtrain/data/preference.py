@@ -37,7 +37,8 @@ from maxtrain.data.formats import ROLES, render_chat, template_for
 SEQUENCE_FIELDS = ("sequence_margin", "reference_logps")
 
 
-def _messages(value: Any, role: str, what: str) -> list[dict] | str:
+def as_messages(value: Any, role: str, what: str) -> list[dict] | str:
+    """`value` as chat messages (a string becomes one `role` turn), or why it cannot be."""
     if isinstance(value, str):
         if not value.strip():
             return f"'{what}' is empty"
@@ -58,12 +59,12 @@ def pair_messages(record: Any) -> tuple[list[dict], dict, dict, float, tuple[flo
     if missing:
         return f"missing field {missing[0]!r}; a preference record needs chosen and rejected (and prompt)"
     if "prompt" in record:
-        prompt = _messages(record["prompt"], "user", "prompt")
+        prompt = as_messages(record["prompt"], "user", "prompt")
         if isinstance(prompt, str):
             return prompt
-        chosen, rejected = (_messages(record[k], "assistant", k) for k in ("chosen", "rejected"))
+        chosen, rejected = (as_messages(record[k], "assistant", k) for k in ("chosen", "rejected"))
     else:
-        chosen, rejected = (_messages(record[k], "assistant", k) for k in ("chosen", "rejected"))
+        chosen, rejected = (as_messages(record[k], "assistant", k) for k in ("chosen", "rejected"))
         for c in (chosen, rejected):
             if isinstance(c, str):
                 return c
@@ -95,6 +96,17 @@ class PreferenceEncoder:
     def __init__(self, fmt, tok, family: str | None = None):
         self._tok = tok
         self._template = template_for(fmt.template, family, tok)
+
+    @classmethod
+    def with_template(cls, template, tok) -> "PreferenceEncoder":
+        """An encoder with an already-resolved chat template (data.formats.template_for)."""
+        enc = cls.__new__(cls)
+        enc._tok, enc._template = tok, template
+        return enc
+
+    def sequence(self, prompt: list[dict], reply: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, per-target weights) of prompt + reply rendered with the template; only the reply is weighted."""
+        return self._sequence(prompt, reply)
 
     def _sequence(self, prompt: list[dict], reply: dict) -> tuple[np.ndarray, np.ndarray]:
         ids, trained = render_chat(prompt + [reply], self._tok, self._template)
