@@ -18,6 +18,7 @@ from maxtrain.data.config import DataConfig, SourceConfig
 from maxtrain.errors import UserError
 from maxtrain.finetune.config import FinetuneConfig
 from maxtrain.model.config import ModelConfig
+from maxtrain.rl.config import RLConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESET_DIR = CONFIG_DIR / "models"
@@ -126,8 +127,10 @@ class TrainConfig(BaseModel):
     # (the sft data format zeroes prompt weights) with dropout rngs; classification: a head's labels.
     # reward: a Bradley-Terry reward model on preference pairs (a one-label finetune.classifier);
     # dpo: direct preference optimisation against a frozen reference (see train.preference).
-    objective: Literal["causal_lm", "sft", "classification", "masked_lm", "reward", "dpo"] = "causal_lm"
+    # grpo: the clipped policy gradient on group rollouts scored by rewards (see train.rl).
+    objective: Literal["causal_lm", "sft", "classification", "masked_lm", "reward", "dpo", "grpo"] = "causal_lm"
     preference: PreferenceConfig = PreferenceConfig()
+    rl: RLConfig = RLConfig()
 
 
 class EvalSet(BaseModel):

@@ -104,7 +104,11 @@ def build_objective(cfg: RunConfig, apply_fn) -> Objective:
         "masked_lm": lambda: masked_lm_objective(apply_fn, z_loss=cfg.train.z_loss, loss_chunk=cfg.train.loss_chunk),
         "reward": lambda: reward_model_objective(cfg, apply_fn),
         "dpo": lambda: direct_preference_objective(cfg, apply_fn),
+        "grpo": lambda: policy_gradient_objective(cfg, apply_fn),
     }
+    if cfg.data.format.type == "prompts" and cfg.train.objective != "grpo":
+        raise UserError(f"data.format.type=prompts feeds rollouts to train.objective=grpo, not {cfg.train.objective}; "
+                        "set train.objective=grpo or use another data format")
     return objectives[cfg.train.objective]()
 
 
@@ -136,6 +140,42 @@ def direct_preference_objective(cfg: RunConfig, apply_fn) -> Objective:
                         "add them, or precompute reference log-probs and set train.preference.reference=precomputed")
     return dpo_objective(apply_fn, beta=pref.beta, loss=pref.loss, label_smoothing=pref.label_smoothing,
                          reference=pref.reference)
+
+
+def policy_gradient_objective(cfg: RunConfig, apply_fn) -> Objective:
+    """The GRPO / RLOO objective, after checking the run samples prompts and has the reference it names."""
+    from maxtrain.objectives_rl import grpo_objective
+
+    rl = cfg.train.rl
+    if cfg.data.format.type != "prompts":
+        raise UserError("train.objective=grpo samples completions of prompts; set data.format.type=prompts")
+    if not cfg.model.causal:
+        raise UserError("train.objective=grpo needs a causal model that can generate (model.causal=true)")
+    if rl.max_completion_len >= cfg.train.seq_len:
+        raise UserError(f"train.rl.max_completion_len={rl.max_completion_len} leaves no room for the prompt in "
+                        f"train.seq_len={cfg.train.seq_len}; raise seq_len or lower max_completion_len")
+    if cfg.train.global_batch % rl.group_size:
+        raise UserError(f"train.global_batch={cfg.train.global_batch} rollouts do not split into groups of "
+                        f"train.rl.group_size={rl.group_size}; use a multiple of it")
+    reference = rl_reference(cfg)
+    if reference == "adapters_off" and cfg.finetune.lora is None:
+        raise UserError("train.rl.reference=adapters_off needs LoRA adapters (finetune.lora); add them or use reference=init")
+    if reference == "init" and not cfg.init_from:
+        raise UserError("train.rl.beta > 0 with reference=init needs the weights to start from; set init_from "
+                        "(an SFT run or a converted model) or train.rl.beta=0")
+    return grpo_objective(apply_fn, epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, beta=rl.beta,
+                          aggregation=rl.aggregation, max_completion_len=rl.max_completion_len,
+                          temperature=rl.temperature, fresh_rollouts=rl.iterations == 1)
+
+
+def rl_reference(cfg: RunConfig) -> str | None:
+    """The KL reference of an RL run: None (beta 0), adapters_off or init."""
+    rl = cfg.train.rl
+    if not rl.beta:
+        return None
+    if rl.reference == "auto":
+        return "adapters_off" if cfg.finetune.lora is not None else "init"
+    return rl.reference
 
 
 def finetuned_model_config(cfg: RunConfig) -> ModelConfig:

@@ -149,6 +149,26 @@ class Generator:
         axes = ("layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
         return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh, self.rules))
 
+    def sample(self, params, tokens_BxP: np.ndarray, lengths_B: np.ndarray, s: Sampling, rng: jax.Array, *,
+               eos_ids: Sequence[int] = (), pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(new tokens [B, max_new_tokens] (pad after a row's end), decode steps run) for right-padded prompts.
+
+        params: any weights of this model, e.g. a training run's current ones (same shardings;
+        nothing is copied). Every process passes the same prompts; the output stays on the
+        devices, sharded over the batch like the cache. One compile per (batch, prompt width).
+        """
+        batch, prompt_len = tokens_BxP.shape
+        from maxtrain.finetune.registry import virtual_tokens
+
+        cache_len = virtual_tokens(self.cfg) + prompt_len + s.max_new_tokens
+        prefill, decode = self._functions(batch, prompt_len, s, tuple(int(e) for e in eos_ids), int(pad_id))
+        with jax.set_mesh(self.mesh):
+            shape = (self.cfg.num_layers, batch, cache_len, self.cfg.kv_heads, self.cfg.dim_per_head)
+            cache = jax.device_put(init_cache(self.cfg, batch, cache_len, self.dtype), self._cache_sharding(shape))
+            logits, cache = prefill(params, cache, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B))
+            out, steps, _ = decode(params, cache, logits, jnp.asarray(lengths_B), rng)
+        return out, steps
+
     def generate(self, prompts: Sequence[Sequence[int]], s: Sampling, *, eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
         """New tokens for each prompt (ids), ending with the first end-of-sequence token when one is produced."""
         s.check()
@@ -171,13 +191,7 @@ class Generator:
         tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
         for row, p in enumerate(prompts):
             tokens[row, : len(p)] = p
-        cache_len = virtual + prompt_len + s.max_new_tokens
-        prefill, decode = self._functions(len(prompts), prompt_len, s, tuple(int(e) for e in eos_ids), int(pad_id))
-        with jax.set_mesh(self.mesh):
-            shape = (self.cfg.num_layers, len(prompts), cache_len, self.cfg.kv_heads, self.cfg.dim_per_head)
-            cache = jax.device_put(init_cache(self.cfg, len(prompts), cache_len, self.dtype), self._cache_sharding(shape))
-            logits, cache = prefill(self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
-            out, steps, _ = decode(self.params, cache, logits, jnp.asarray(lengths), jax.random.PRNGKey(s.seed))
+        out, steps = self.sample(self.params, tokens, lengths, s, jax.random.PRNGKey(s.seed), eos_ids=eos_ids, pad_id=pad_id)
         out = np.asarray(out)[:, : int(steps)]
         results = []
         for row in out:

@@ -104,6 +104,11 @@ def eval_sets(cfg: RunConfig) -> dict[str, tuple]:
     each of eval.sets is all documents of its sources (reported as eval_loss/<name>).
     """
     sets = {}
+    if cfg.data.format.type == "prompts":  # rollouts have no held-out loss: `maxtrain eval` measures the policy
+        if cfg.eval.sets:
+            raise UserError("eval.sets are held-out losses, which RL runs (data.format.type=prompts) do not have; "
+                            "remove them and run `maxtrain eval` on the run for exact match")
+        return sets
     if cfg.data.eval_fraction > 0:
         sets[""] = (cfg.data, "eval", None if cfg.eval.batches == "all" else cfg.eval.batches)
     for name, es in cfg.eval.sets.items():
@@ -115,6 +120,15 @@ def eval_sets(cfg: RunConfig) -> dict[str, tuple]:
 def _key(key: str, name: str) -> str:
     """eval_loss -> eval_loss/<name> for a named set (the default set keeps the plain keys)."""
     return f"{key}/{name}" if name else key
+
+
+def train_batch_source(cfg: RunConfig, exp: Experiment, tokenizer, pipeline_args: dict):
+    """The run's train batches: the data pipeline, or for RL (data.format.type=prompts) the rollout source."""
+    if cfg.data.format.type == "prompts":
+        from maxtrain.rl.rollouts import RolloutSource
+
+        return RolloutSource(cfg, exp, tokenizer, rows=pipeline_args["rows"])
+    return build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
 
 
 def _start_state(cfg: RunConfig, exp: Experiment, tokenizer, run_dir: Path, is_main: bool):
@@ -174,7 +188,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         writer = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))
 
-    train_batches = build_pipeline(cfg.data, tokenizer, split="train", seed=cfg.seed, **pipeline_args)
+    train_batches = train_batch_source(cfg, exp, tokenizer, pipeline_args)
     if data_state is not None:
         try:
             train_batches.set_state(data_state)
@@ -185,13 +199,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     peak = peak_flops_total(cfg.log.peak_flops)
     n_params = cfg.model.param_count()
     baseline_data, baseline_split, _ = next(iter(sets.values()), (cfg.data, "train", None))
-    baseline = unigram_entropy(baseline_data, tokenizer, split=baseline_split)
+    summary: dict[str, Any] = {"params": n_params, "peak_flops": peak}
+    baseline = ""
+    if cfg.data.format.type != "prompts":  # rollouts have no token targets to count
+        summary["unigram_entropy"] = unigram_entropy(baseline_data, tokenizer, split=baseline_split)
+        baseline = f"; unigram entropy {summary['unigram_entropy']:.3f} nats"
     log.info(
-        "model %s: %.2fM params, %.3g FLOPs/token; mesh %s; %d tokens/step; unigram entropy %.3f nats",
+        "model %s: %.2fM params, %.3g FLOPs/token; mesh %s; %d tokens/step%s",
         cfg.preset or cfg.model.family, n_params / 1e6, flops_per_token, dict(exp.mesh.shape), tokens_per_step, baseline,
     )  # fmt: skip
 
-    summary: dict[str, Any] = {"params": n_params, "unigram_entropy": baseline, "peak_flops": peak}
     # Trainable set: frozen leaves get no gradient and no optimizer state; say how much is left.
     ts = exp.trainable if exp.trainable is not None and not exp.trainable.everything else None
     trained, total = count_params(exp.state.params, ts)
@@ -208,7 +225,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     def report(pending, rate: float | None) -> dict[str, Any]:
         """Fetch a finished step's metrics, add throughput (None: none measured yet), write and show them."""
-        record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}}
+        record = {"step": pending[0], **{k: float(v) for k, v in jax.device_get(pending[1]).items()}, **pending[2]}
         if rate is not None:
             record.update(tokens_per_s=rate, tokens_per_s_per_device=rate / jax.device_count(), mfu=rate * flops_per_token / peak)
         emit(record)
@@ -250,7 +267,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         pending = None  # (step, device metrics): fetched one step late so the host never stalls the device
         last_time, last_step = None, start
         for step in range(start + 1, cfg.steps + 1):
-            batch = make_global_batch(next(train_batches), exp.batch_sharding)
+            batch = train_batches.next_global(exp.batch_sharding, exp.state.params)
             t0 = time.perf_counter()  # jit traces and compiles inside the first call
             exp.state, metrics = exp.train_step(exp.state, batch)
             if last_time is None:  # the first step includes compilation: time it apart
@@ -264,7 +281,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                     rates.append((pending[0] - last_step) * tokens_per_step / (now - last_time))
                     last_time, last_step = now, pending[0]
                 report(pending, rates[-1] if rates else None)
-            pending = (step, metrics)
+            pending = (step, metrics, train_batches.step_metrics())
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.steps:
                 run_eval(step)
             preempted = step != cfg.steps and watcher.should_stop(step, cfg.checkpoint.preemption_sync_every)

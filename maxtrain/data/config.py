@@ -214,8 +214,27 @@ class PreferenceFormat(_Format):
         return PreferenceEncoder(self, tok, family)
 
 
+class PromptsFormat(_Format):
+    """Prompts to sample from (reinforcement learning, train.objective=grpo): JSONL records with a
+    `prompt` (a string, or a list of chat messages) or Alpaca {instruction, input} fields, rendered
+    with the chat template up to the assistant's turn. Every other field of the record (an
+    answer to check, a test case) is handed to the reward functions (see maxtrain/rl/).
+    Batches are built by the rollout source, not the packer.
+    """
+
+    type: Literal["prompts"] = "prompts"
+    records: ClassVar[bool] = True
+    template: str = "auto"
+
+    def record_encoder(self, tok, family: str | None = None):
+        from maxtrain.data.prompts import PromptEncoder  # the encoding code, not a config concern
+
+        return PromptEncoder(self, tok, family)
+
+
 FormatConfig = Annotated[
-    Union[TextFormat, SftFormat, ClassificationFormat, MlmFormat, PreferenceFormat], Field(discriminator="type")
+    Union[TextFormat, SftFormat, ClassificationFormat, MlmFormat, PreferenceFormat, PromptsFormat],
+    Field(discriminator="type"),
 ]
 
 

@@ -75,6 +75,14 @@ class DataIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._it)
 
+    def next_global(self, sharding, params=None) -> dict:
+        """The next batch as global arrays sharded by `sharding` (params: unused; rollout sources sample with them)."""
+        return make_global_batch(next(self), sharding)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics the data adds to the step's record (none; a rollout source reports its rewards)."""
+        return {}
+
     def get_state(self) -> dict:
         """A JSON-serializable dict naming the position of the next batch (this process's rows)."""
         return {"version": _STATE_VERSION, "fingerprint": self._fingerprint, "kind": self._kind,
