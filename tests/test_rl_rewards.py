@@ -108,6 +108,9 @@ BAD_FUNCTIONS = """
     def boom(prompts, completions, **kw):
         raise ValueError("boom\\nsecond line")
 
+    def quiet(prompts, completions, **kw):
+        raise KeyError
+
     def short(prompts, completions, **kw):
         return [1.0] * (len(completions) - 1)
 
@@ -133,6 +136,7 @@ BAD_FUNCTIONS = """
 
 @pytest.mark.parametrize("fn, why", [
     ("boom", "raised ValueError: boom; fix the function"),
+    ("quiet", "raised KeyError; fix the function"),
     ("short", "returned 2 values for 3 completions"),
     ("word", "returned a non-number at index 1 ('good')"),
     ("missing", "returned a non-number at index 1 (None)"),

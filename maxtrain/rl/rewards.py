@@ -123,7 +123,8 @@ class _Function:
         try:
             out = self.fn(list(prompts), list(completions), **record_fields(records))
         except Exception as e:
-            raise UserError(f"{self.label} raised {type(e).__name__}: {_first_line(e)}; fix the function") from None
+            said = _first_line(e)
+            raise UserError(f"{self.label} raised {type(e).__name__}{': ' + said if said else ''}; fix the function") from None
         if isinstance(out, np.ndarray) and out.ndim != 1:
             raise UserError(f"{self.label} returned an array of shape {out.shape}; return one number per completion "
                             f"({n})")
