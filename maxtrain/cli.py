@@ -47,7 +47,8 @@ def done_line(summary: dict) -> str:
         parts.append(f"eval_loss {summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
     elif "final_loss" in summary:
         parts.append(f"loss {summary['final_loss']:.4f}")
-    parts.append(f"unigram entropy {summary['unigram_entropy']:.4f}")
+    if "unigram_entropy" in summary:  # RL runs have no token targets to count
+        parts.append(f"unigram entropy {summary['unigram_entropy']:.4f}")
     if "tokens_per_s" in summary:
         parts.append(f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary['mfu']:.3f}")
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -120,6 +121,17 @@ def eval_sets(cfg: RunConfig) -> dict[str, tuple]:
 def _key(key: str, name: str) -> str:
     """eval_loss -> eval_loss/<name> for a named set (the default set keeps the plain keys)."""
     return f"{key}/{name}" if name else key
+
+
+@contextlib.contextmanager
+def _saves_finish_on_error(ckpt):
+    """On an error mid-run (a reward function that raises, bad data), let the checkpoint saves under
+    way finish before the error propagates: nothing already written is lost or left half-written."""
+    try:
+        yield
+    except BaseException:
+        ckpt.close()
+        raise
 
 
 def train_batch_source(cfg: RunConfig, exp: Experiment, tokenizer, pipeline_args: dict):
@@ -258,7 +270,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     rates: list[float] = []
     preempted = False
-    with jax.set_mesh(exp.mesh), PreemptionWatcher() as watcher:
+    with jax.set_mesh(exp.mesh), PreemptionWatcher() as watcher, _saves_finish_on_error(ckpt):
         if cfg.eval.every and start == 0:  # a resumed run has that eval already
             run_eval(start)
         if forgetting is not None and start == 0:
