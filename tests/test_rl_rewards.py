@@ -62,7 +62,7 @@ def test_function_gets_prompts_completions_and_every_record_field(tmp_path, monk
 
         def length(prompts, completions, **fields):
             SEEN.append((prompts, completions, fields))
-            return [len(c) for c in completions]
+            return [len(c if isinstance(c, str) else c[0]["content"]) for c in completions]
     """)
     rs = build_rewards(rewards_of({"type": "function", "function": "rw_fields:length"}))
     assert rs.names == ("length",)  # the default name is the function's
@@ -73,7 +73,8 @@ def test_function_gets_prompts_completions_and_every_record_field(tmp_path, monk
 
     (prompts, completions, fields), = rw_fields.SEEN
     assert prompts == PROMPTS  # chat-message prompts as the record has them
-    assert completions == COMPLETIONS
+    # TRL's convention: a chat prompt's completion arrives as the assistant message
+    assert completions == [" 4\n", "5", [{"role": "assistant", "content": "hi"}]]
     assert fields == {"answer": [4, 4, " hi "], "level": [None, None, 3]}  # every key but the prompt, in order
 
 

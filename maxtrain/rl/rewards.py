@@ -4,8 +4,9 @@
     total, parts = rewards(prompts, completions, records)   # total [n], {name: [n]} float32
 
 Four kinds (maxtrain/rl/config.py): exact_match against a record field, a format regex, a
-Python function `module:function` (TRL's calling convention, so existing reward functions
-work unchanged) and a reward model trained by maxtrain (maxtrain/reward_model.py). The total
+Python function `module:function` (TRL's calling convention: record fields as keyword lists,
+a chat prompt's completion as [{"role": "assistant", "content": text}], so existing reward
+functions work unchanged) and a reward model trained by maxtrain (maxtrain/reward_model.py). The total
 is the weighted sum; each reward is also returned alone under its name, for the metrics.
 
 Everything that can be checked before the first rollout is checked in build_rewards (a bad
@@ -120,8 +121,10 @@ class _Function:
 
     def __call__(self, prompts, completions, records) -> np.ndarray:
         n = len(completions)
+        # TRL's convention: a chat prompt's completion is the assistant message, a text prompt's the text.
+        given = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]
         try:
-            out = self.fn(list(prompts), list(completions), **record_fields(records))
+            out = self.fn(list(prompts), given, **record_fields(records))
         except Exception as e:
             said = _first_line(e)
             raise UserError(f"{self.label} raised {type(e).__name__}{': ' + said if said else ''}; fix the function") from None
