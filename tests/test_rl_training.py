@@ -162,3 +162,24 @@ def test_reward_function_errors_are_one_line_and_keep_the_last_checkpoint(sft):
         assert "Traceback" not in proc.stderr and f"bad_rewards:{fn}" in last and message in last, last
         kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
         assert kept == [1, 2], kept  # rollouts 1 and 2 trained and were saved; the third failed before its step
+
+
+@pytest.mark.slow
+def test_two_processes_sample_score_and_train_like_one(sft):
+    """Through launch/local.sh: 2 processes x 1 device each generate for their own rows (one SPMD program), score
+    their rows, and train the same rewards and losses as 1 process x 2 devices."""
+    d, data, start = sft
+    args = [*MODEL, *RL, *data, EXACT, "steps=3", "optimizer.lr=1e-3", f"init_from={start}", "checkpoint.every=0",
+            "train.rl.beta=0.05"]
+    runs = {}
+    for nproc, devices in ((1, 2), (2, 1)):
+        run = d / f"procs-{nproc}"
+        env = dict(os.environ, MAXTRAIN_PYTHON=sys.executable, MAXTRAIN_LOCAL_DEVICES=str(devices))
+        proc = subprocess.run(["bash", str(REPO / "launch/local.sh"), str(nproc), *args, f"run_dir={run}"], env=env,
+                              cwd=d, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[nproc] = {r["step"]: r for r in _records(run) if "loss" in r}
+    assert sorted(runs[2]) == [1, 2, 3]
+    for step, r in runs[1].items():
+        assert runs[2][step]["reward"] == r["reward"] and runs[2][step]["completion_length"] == r["completion_length"]
+        assert abs(runs[2][step]["loss"] - r["loss"]) <= 1e-5 + 1e-4 * abs(r["loss"]), (step, runs[2][step], r)
