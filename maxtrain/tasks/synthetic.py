@@ -137,6 +137,51 @@ def write_suite(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, ta
     return paths
 
 
+# The same tasks as plain text in another surface form than the instruction template, for
+# pretraining a base that already has the skills (README "Every finetuning method on one
+# base"): finetuning then has only to map the template onto them, which is the situation
+# parameter-efficient methods are made for.
+PLAIN_FORMS: dict[str, Callable[[str, str], str]] = {
+    "reverse": lambda prompt, answer: f"{prompt.split(': ', 1)[1]} backwards is {answer}",
+    "sort": lambda prompt, answer: f"{prompt.split(': ', 1)[1]} in order is {answer}",
+    "add": lambda prompt, answer: f"{prompt.split(': ', 1)[1]} makes {answer}",
+    "lookup": lambda prompt, answer: f"{prompt.split(' in: ', 1)[1]} so {prompt.split(' ')[1]} is {answer}",
+}  # fmt: skip
+
+
+def plain_records(n: int, seed: int, *, lines: int = 16, tasks=tuple(TASKS), exclude: set[str] = frozenset()) -> list[dict]:
+    """n {text} documents of `lines` solved task examples each (tasks in turn) in PLAIN_FORMS, no prompt in `exclude`.
+
+    Prompts may repeat across documents (the plain text is pretraining data, not a split)."""
+    rng = random.Random(seed)
+    docs, attempts = [], 0
+    while len(docs) < n:
+        out = []
+        while len(out) < lines:
+            attempts += 1
+            if attempts > 100 * n * lines:
+                raise ValueError(f"cannot draw {n} plain documents outside the excluded prompts")
+            name = tasks[(len(docs) * lines + len(out)) % len(tasks)]
+            prompt, answer = TASKS[name](rng)
+            if prompt not in exclude:
+                out.append(PLAIN_FORMS[name](prompt, answer))
+        docs.append({"text": "\n".join(out)})
+    return docs
+
+
+def write_plain(path: str | Path, *, docs: int, lines: int = 16, seed: int = 0, tasks=tuple(TASKS),
+                exclude_from: str | Path | None = None) -> int:
+    """Write plain-text task documents to `path` (JSONL {text}); prompts of `exclude_from` (an instruction
+    JSONL, e.g. the held-out eval.jsonl) never appear. Returns the number of excluded prompts."""
+    exclude = set()
+    if exclude_from is not None:
+        exclude = {json.loads(line)["instruction"] for line in Path(exclude_from).read_text().splitlines() if line.strip()}
+    recs = plain_records(docs, seed, lines=lines, tasks=tasks, exclude=exclude)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return len(exclude)
+
+
 def _cmd_make(ns) -> int:
     paths = write_suite(ns.out, train=ns.train, eval=ns.eval, seed=ns.seed, tasks=tuple(ns.tasks.split(",")))
     for name, path in paths.items():
@@ -212,3 +257,27 @@ def register_commands(sub) -> None:
         return 0
 
     cont.set_defaults(func=run_cont)
+
+    plain = tsub.add_parser("plain", help="write the tasks solved in plain text ({text} JSONL) for pretraining a base that has the skills")
+    plain.add_argument("out", help="output .jsonl file")
+    plain.add_argument("--docs", type=int, default=4000, help="documents")
+    plain.add_argument("--lines", type=int, default=16, help="solved examples per document")
+    plain.add_argument("--seed", type=int, default=100)
+    plain.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+    plain.add_argument("--exclude", default=None, help="an instruction JSONL (the held-out eval.jsonl) whose prompts never appear")
+
+    def run_plain(ns):
+        unknown = [t for t in ns.tasks.split(",") if t not in TASKS]
+        if unknown:
+            raise UserError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        if ns.exclude and not Path(ns.exclude).is_file():
+            raise UserError(f"--exclude {ns.exclude}: no such file; give the held-out eval.jsonl of `maxtrain tasks make`")
+        try:
+            excluded = write_plain(ns.out, docs=ns.docs, lines=ns.lines, seed=ns.seed, tasks=tuple(ns.tasks.split(",")),
+                                   exclude_from=ns.exclude)  # fmt: skip
+        except ValueError as e:
+            raise UserError(f"{e}; ask for fewer --docs") from None
+        print(f"{ns.docs} documents of {ns.lines} solved examples ({excluded} held-out prompts excluded): {ns.out}")
+        return 0
+
+    plain.set_defaults(func=run_plain)
