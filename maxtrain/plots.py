@@ -4,7 +4,8 @@
     maxtrain plot runs/a runs/b --out ab.png    # both runs on the same axes, one colour each
 
 Four panels: loss (training loss, and every held-out set: `eval_loss`, `eval_loss/<name>`),
-learning rate, gradient norm, tokens/s. matplotlib is optional (`pip install 'maxtrain[plot]'`);
+learning rate, gradient norm, tokens/s; RL runs add a fifth, the mean reward (total and each
+reward function). matplotlib is optional (`pip install 'maxtrain[plot]'`);
 `write_curves`, which the trainer calls at the end of a run, logs one line instead of failing
 when it is missing.
 """
@@ -31,6 +32,8 @@ PANELS = (
     ("grad norm", ("grad_norm",)),
     ("tokens/s", ("tokens_per_s",)),
 )
+# RL runs (train.objective=grpo) add the mean reward, total and per reward function.
+REWARD_PANEL = ("reward", ("reward", "rewards/"))
 
 
 def read_series(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -61,7 +64,7 @@ def _panel_keys(series: dict, wanted: Sequence[str]) -> list[str]:
     keys = []
     for w in wanted:
         keys += sorted(k for k in series if k.startswith(w)) if w.endswith("/") else [w] * (w in series)
-    return keys
+    return [k for k in keys if not k.endswith("_std")]  # spreads would crowd the means out
 
 
 def draw_curves(runs: dict[str, str | Path]):
@@ -73,18 +76,22 @@ def draw_curves(runs: dict[str, str | Path]):
     from matplotlib.ticker import MaxNLocator
 
     data = {label: read_series(d) for label, d in runs.items()}
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    axes = fig.subplots(2, 2).ravel()
+    panels = PANELS + ((REWARD_PANEL,) if any("reward" in series for series in data.values()) else ())
+    rows = -(-len(panels) // 2)
+    fig = Figure(figsize=(11, 3.75 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     colours = [f"C{i % 10}" for i in range(len(data))]
-    for ax, (title, wanted) in zip(axes, PANELS):
+    for ax, (title, wanted) in zip(axes, panels):
         for colour, (label, series) in zip(colours, data.items()):
             for i, key in enumerate(_panel_keys(series, wanted)):
                 steps, values = series[key]
                 name = key if len(data) == 1 else f"{label} {key}"
                 if key.startswith("eval_"):  # few points: markers, dashed, one marker shape per set
                     ax.plot(steps, values, color=colour, linestyle="--", marker="os^vD<>"[i % 7], markersize=4, label=name)
-                else:
-                    ax.plot(steps, values, color=colour, linewidth=1.2, label=name)
+                else:  # a run's own parts (each reward function) dotted beside its total
+                    ax.plot(steps, values, color=colour, linewidth=1.2, label=name, linestyle=":" if "/" in key else "-")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
@@ -119,7 +126,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, list
         fig.savefig(out, dpi=110)
     except OSError as e:
         raise UserError(f"could not write '{out}': {e.strerror or e}; check the directory and permissions") from None
-    return {ax.get_title(): [line.get_label() for line in ax.lines] for ax in fig.axes}
+    return {ax.get_title(): [line.get_label() for line in ax.lines] for ax in fig.axes if ax.get_visible()}
 
 
 def write_curves(run_dir: str | Path) -> Path | None:
