@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_harness_commands(sub)
     from maxtrain.reward_model import register_commands as register_score_commands; register_score_commands(sub)  # noqa: E702
+    from maxtrain.preference_reference import register_commands as register_pref_commands; register_pref_commands(sub)  # noqa: E702
     return parser
 
 

@@ -78,9 +78,16 @@ class PreferenceConfig(BaseModel):
     """Knobs of the preference objectives (maxtrain/objectives_preference.py).
 
     dpo: loss sigmoid (DPO), ipo or hinge; beta the KL strength; label_smoothing the share of
-      flipped labels (conservative DPO, sigmoid loss). reference: adapters_off (LoRA runs: the
-      base is the params with the adapters switched off, no second copy of the weights) or
-      precomputed (ref_chosen_logps / ref_rejected_logps in the records, no extra pass).
+      flipped labels (conservative DPO, sigmoid loss); rpo_alpha > 0 adds rpo_alpha x the
+      chosen reply's mean token NLL (TRL's rpo_alpha: keeps the chosen likelihood up).
+      reference, and its memory:
+        adapters_off  LoRA runs: the params with every lora_b zeroed; no second copy of the
+                      weights, one extra forward pass per step.
+        frozen        full-weight runs: params["reference"], a copy of the init_from weights
+                      (no gradient, no optimizer state); one copy of the weights, one extra
+                      forward pass per step.
+        precomputed   ref_chosen_logps / ref_rejected_logps in the records (`maxtrain
+                      preference reference`): nothing at train time, one forward pass before.
     reward: center_rewards adds this x mean (r_chosen + r_rejected)^2 (keeps rewards near 0).
     """
 
@@ -88,7 +95,8 @@ class PreferenceConfig(BaseModel):
     beta: float = Field(0.1, gt=0)
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference: Literal["adapters_off", "precomputed"] = "adapters_off"
+    reference: Literal["adapters_off", "frozen", "precomputed"] = "adapters_off"
+    rpo_alpha: float = Field(0.0, ge=0)
     center_rewards: float = Field(0.0, ge=0)
 
 

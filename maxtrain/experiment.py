@@ -88,9 +88,11 @@ def make_apply_fn(model: nn.Module, rules) -> Callable[..., jax.Array]:
     Other model methods go through `method=` (e.g. `apply(params, hidden, method="logits")`).
     """
 
+    from maxtrain.checkpoint.params import without_frozen
+
     def apply(params, *args, **kwargs):
-        with nn.logical_axis_rules(rules):
-            return model.apply({"params": params}, *args, **kwargs)
+        with nn.logical_axis_rules(rules):  # a frozen subtree (DPO's reference) is no part of the model
+            return model.apply({"params": without_frozen(params)}, *args, **kwargs)
 
     return apply
 
@@ -136,10 +138,18 @@ def direct_preference_objective(cfg: RunConfig, apply_fn) -> Objective:
     _needs_pairs(cfg)
     pref = cfg.train.preference
     if pref.reference == "adapters_off" and cfg.finetune.lora is None:
-        raise UserError("train.preference.reference=adapters_off needs LoRA adapters (finetune.lora); "
-                        "add them, or precompute reference log-probs and set train.preference.reference=precomputed")
+        raise UserError("train.preference.reference=adapters_off needs LoRA adapters (finetune.lora); add them, "
+                        "or use train.preference.reference=frozen (a frozen copy of init_from) or precomputed")
+    if pref.reference == "frozen" and not cfg.init_from:
+        raise UserError("train.preference.reference=frozen copies the weights the run starts from; set init_from "
+                        "(an SFT run or a converted model)")
     return dpo_objective(apply_fn, beta=pref.beta, loss=pref.loss, label_smoothing=pref.label_smoothing,
-                         reference=pref.reference)
+                         reference=pref.reference, rpo_alpha=pref.rpo_alpha)
+
+
+def frozen_reference(cfg: RunConfig) -> bool:
+    """Whether the params carry DPO's frozen reference subtree (train.preference.reference=frozen)."""
+    return cfg.train.objective == "dpo" and cfg.train.preference.reference == "frozen"
 
 
 def policy_gradient_objective(cfg: RunConfig, apply_fn) -> Objective:
@@ -208,6 +218,12 @@ def check_objective_fits_model(objective: str, model: ModelConfig) -> None:
 def trainable_parts(cfg: RunConfig) -> tuple[TrainableSet, Callable | None, Callable | None]:
     """(trainable set, leaf predicate or None for all, row-mask fn or None) for the optimizer and step."""
     ts = trainable_set(cfg.finetune, cfg.model.num_layers)
+    if frozen_reference(cfg):  # DPO's reference subtree: frozen, so no gradient and no optimizer state
+        import re
+
+        from maxtrain.objectives_preference import FROZEN_REFERENCE
+
+        ts = dataclasses.replace(ts, freeze=(*ts.freeze, re.compile(f"{FROZEN_REFERENCE}/.*")))
     if ts.everything:
         return ts, None, None
     rows = (lambda path, ndim: ts.row_mask(path_name(path), ndim)) if ts.frozen_layers else None
@@ -247,7 +263,12 @@ def build_experiment(cfg: RunConfig, devices=None) -> Experiment:
 
     def init_params(rng):
         with nn.logical_axis_rules(rules):
-            return model.init(rng, example)["params"]
+            params = model.init(rng, example)["params"]
+        if frozen_reference(cfg):  # a placeholder of the policy's shape; init_from fills it (finetune/init.py)
+            from maxtrain.objectives_preference import FROZEN_REFERENCE
+
+            params = {**params, FROZEN_REFERENCE: jax.tree.map(lambda x: x, params, is_leaf=lambda x: x is None)}
+        return params
 
     with jax.set_mesh(mesh):
         state, shardings = init_train_state(init_params, optimizer, cfg.seed, mesh, rules)

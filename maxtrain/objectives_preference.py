@@ -127,20 +127,28 @@ def dpo_pair_loss(delta: jax.Array, delta_ipo: jax.Array, *, loss: str, beta: fl
     raise ValueError(f"unknown DPO loss {loss!r}")
 
 
+FROZEN_REFERENCE = "reference"  # params[FROZEN_REFERENCE]: reference=frozen's copy (checkpoint.params.FROZEN_SUBTREES)
+
+
 def dpo_objective(apply_fn: ApplyFn, *, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0,
-                  reference: str = "adapters_off") -> Objective:
+                  reference: str = "adapters_off", rpo_alpha: float = 0.0) -> Objective:
     """DPO against a frozen reference; metric sums carry TRL's names (rewards/chosen, ..., logps/rejected).
 
     reference: adapters_off (LoRA runs: the same params with every lora_b zeroed, under
-      stop_gradient: no second copy of the weights, one extra forward pass) or precomputed
-      (the batch's reference_logps, from the records' ref_chosen_logps / ref_rejected_logps:
-      no extra pass, no extra memory).
+      stop_gradient: no second copy of the weights, one extra forward pass), frozen
+      (params["reference"], a frozen copy of the init_from weights that the trainable set
+      keeps out of the optimizer: one copy of the weights, no optimizer state, one extra
+      forward pass) or precomputed (the batch's reference_logps, from the records'
+      ref_chosen_logps / ref_rejected_logps: no extra pass, no extra memory).
+    rpo_alpha: adds rpo_alpha x the chosen reply's mean per-token NLL to each pair's loss
+      (TRL's rpo_alpha), which keeps DPO from lowering the chosen likelihood; metric `nll/chosen`.
     """
 
     def reference_logps(params, batch):
         if reference == "precomputed":
             return sequence_sums(batch["reference_logps"].astype(jnp.float32), batch["segment_ids"])
-        ref, _ = sequence_logps(apply_fn, adapters_off(jax.lax.stop_gradient(params)), batch)
+        frozen = params[FROZEN_REFERENCE] if reference == "frozen" else adapters_off(params)
+        ref, _ = sequence_logps(apply_fn, jax.lax.stop_gradient(frozen), batch)
         return jax.lax.stop_gradient(ref)
 
     def objective(params, batch: Batch, rng):
@@ -151,6 +159,9 @@ def dpo_objective(apply_fn: ApplyFn, *, beta: float = 0.1, loss: str = "sigmoid"
         ratio_c, ratio_r = pc - rc, pr - rr
         delta_ipo = ratio_c / jnp.maximum(nc, 1.0) - ratio_r / jnp.maximum(nr, 1.0)
         per_pair = dpo_pair_loss(ratio_c - ratio_r, delta_ipo, loss=loss, beta=beta, label_smoothing=label_smoothing)
+        nll_c = -pc / jnp.maximum(nc, 1.0)
+        if rpo_alpha:
+            per_pair = per_pair + rpo_alpha * nll_c
         reward_c, reward_r = jax.lax.stop_gradient(beta * ratio_c), jax.lax.stop_gradient(beta * ratio_r)
         total = lambda x: jnp.sum(jax.lax.stop_gradient(x) * w)  # noqa: E731
         return jnp.sum(per_pair * w), {
@@ -158,7 +169,7 @@ def dpo_objective(apply_fn: ApplyFn, *, beta: float = 0.1, loss: str = "sigmoid"
             "rewards/chosen": total(reward_c), "rewards/rejected": total(reward_r),
             "rewards/accuracies": total((reward_c > reward_r).astype(jnp.float32)),
             "rewards/margins": total(reward_c - reward_r),
-            "logps/chosen": total(pc), "logps/rejected": total(pr),
+            "logps/chosen": total(pc), "logps/rejected": total(pr), "nll/chosen": total(nll_c),
             "correct": total((reward_c > reward_r).astype(jnp.float32)),
         }  # fmt: skip
 

@@ -21,6 +21,7 @@ each process gets back the rewards of its own rows in order.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from typing import Any, Sequence
@@ -32,6 +33,45 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxtrain.errors import UserError
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model on disk read onto a mesh: its configs, sharded params, tokenizer and metadata."""
+
+    model_cfg: Any
+    run_cfg: Any
+    params: Any
+    tokenizer: Any
+    meta: dict
+    mesh: Any
+    rules: Any
+
+
+def load_model(path, *, mesh=None, rules=None) -> LoadedModel:
+    """Params of a run dir / step dir / export (checkpoint.source.resolve_model) sharded over `mesh` by `rules`
+    (defaults: every device, MeshConfig's rules), with the model config that rebuilds them (head, LoRA)."""
+    from maxtrain.checkpoint.commands import run_config_of
+    from maxtrain.checkpoint.params import load_params, model_config_of
+    from maxtrain.checkpoint.source import resolve_model
+    from maxtrain.config import MeshConfig
+    from maxtrain.mesh import build_mesh
+    from maxtrain.model.transformer import Transformer
+    from maxtrain.step import state_shardings
+
+    source = resolve_model(path)
+    meta = source.metadata()
+    model_cfg = model_config_of(meta)
+    tok = source.require_tokenizer()
+    rules = rules if rules is not None else MeshConfig().rules
+    mesh = mesh if mesh is not None else build_mesh(MeshConfig())
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda r: Transformer(model_cfg).init(r, jnp.zeros((1, 2), jnp.int32))["params"],
+                               jax.random.PRNGKey(0))
+    shardings = state_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nn.unbox(boxed), shardings)
+    params = load_params(source.params_dir.parent, abstract)
+    return LoadedModel(model_cfg, run_config_of(meta), params, tok, meta, mesh, rules)
 
 
 class RewardModel:
@@ -72,30 +112,12 @@ class RewardModel:
         logical-axis rules (default: MeshConfig's). The chat template is the run's
         data.format.template (an export without a run config: auto, the family's).
         """
-        from maxtrain.checkpoint.commands import run_config_of
-        from maxtrain.checkpoint.params import load_params, model_config_of
-        from maxtrain.checkpoint.source import resolve_model
-        from maxtrain.config import MeshConfig
         from maxtrain.data.formats import template_for
         from maxtrain.experiment import compute_dtype
-        from maxtrain.mesh import build_mesh
-        from maxtrain.model.transformer import Transformer
-        from maxtrain.step import state_shardings
 
-        source = resolve_model(path)
-        meta = source.metadata()
-        model_cfg = model_config_of(meta)
-        run_cfg = run_config_of(meta)
-        tok = source.require_tokenizer()
-        rules = rules if rules is not None else MeshConfig().rules
-        mesh = mesh if mesh is not None else build_mesh(MeshConfig())
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            boxed = jax.eval_shape(lambda r: Transformer(model_cfg).init(r, jnp.zeros((1, 2), jnp.int32))["params"],
-                                   jax.random.PRNGKey(0))
-        shardings = state_shardings(boxed, mesh, rules)
-        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nn.unbox(boxed),
-                                shardings)
-        params = load_params(source.params_dir.parent, abstract)
+        loaded = load_model(path, mesh=mesh, rules=rules)
+        model_cfg, run_cfg, tok = loaded.model_cfg, loaded.run_cfg, loaded.tokenizer
+        meta, mesh, rules, params = loaded.meta, loaded.mesh, loaded.rules, loaded.params
         template = template_for(getattr(run_cfg.data.format, "template", "auto"), model_cfg.family, tok)
         length = min(seq_len or (run_cfg.train.seq_len if meta.get("config") else model_cfg.max_seq_len),
                      model_cfg.max_seq_len)
@@ -187,8 +209,15 @@ def _cmd_score(ns: argparse.Namespace) -> int:
         rejected = rm.score(prompts, [r["rejected"] for _, r in records])
         for (n, _), c, r in zip(records, chosen, rejected):
             print(json.dumps({"line": n, "reward_chosen": float(c), "reward_rejected": float(r)}))
-        print(json.dumps({"accuracy": float(np.mean(chosen > rejected)), "count": len(records),
-                          "margin": float(np.mean(chosen - rejected))}))
+        right = chosen > rejected
+        tasks: dict[str, list[bool]] = {}
+        for (_, r), ok in zip(records, right):
+            if isinstance(r.get("task"), str):
+                tasks.setdefault(r["task"], []).append(bool(ok))
+        summary = {"accuracy": float(np.mean(right)), "count": len(records), "margin": float(np.mean(chosen - rejected))}
+        if tasks:  # records that name their task (the synthetic suite's) get a per-task breakdown
+            summary["per_task"] = {t: float(np.mean(v)) for t, v in sorted(tasks.items())}
+        print(json.dumps(summary))
     else:
         rewards = rm.score(prompts, [r["completion"] for _, r in records])
         for (n, _), v in zip(records, rewards):

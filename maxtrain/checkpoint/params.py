@@ -180,19 +180,37 @@ def shape_mismatches(saved_shapes: dict[str, tuple], wanted_shapes: dict[str, tu
     return problems
 
 
-def saved_tree_metadata(item_dir: Path):
-    """The saved tree of array metadata (shape, dtype) of an orbax item dir, read without the arrays."""
+# Top-level param subtrees a training run keeps beside the model (DPO's `reference: frozen`, a
+# copy of the init_from weights): saved in its checkpoints so the run resumes, but no part of
+# the model, so every reader of the model (generate, eval, score, export, convert, init_from)
+# leaves them out.
+FROZEN_SUBTREES = ("reference",)
+
+
+def without_frozen(tree):
+    """`tree` (a param dict) without its FROZEN_SUBTREES."""
+    return {k: v for k, v in tree.items() if k not in FROZEN_SUBTREES} if isinstance(tree, dict) else tree
+
+
+def saved_tree_metadata(item_dir: Path, *, frozen: bool = False):
+    """The saved tree of array metadata (shape, dtype) of an orbax item dir, read without the arrays.
+
+    frozen: keep the FROZEN_SUBTREES (default: the model's params only).
+    """
     import orbax.checkpoint as ocp
 
     # The item handler, not a Checkpointer: a checkpoint's item dir has no step-level metadata.
-    return ocp.StandardCheckpointHandler().metadata(item_dir).tree
+    tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+    return tree if frozen else without_frozen(tree)
 
 
 def check_shapes(item_dir: Path, abstract_tree, *, what: str) -> None:
     """UserError naming every parameter whose saved shape differs from `abstract_tree`'s."""
     import orbax.checkpoint as ocp
 
-    saved_tree = saved_tree_metadata(item_dir)
+    saved_tree = saved_tree_metadata(item_dir, frozen=True)
+    if isinstance(saved_tree, dict):  # a frozen subtree counts only when the caller restores it too
+        saved_tree = {k: v for k, v in saved_tree.items() if k not in FROZEN_SUBTREES or k in abstract_tree}
     problems = shape_mismatches(_flat_shapes(saved_tree), _flat_shapes(abstract_tree))
     if problems:
         shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else "")
@@ -206,8 +224,22 @@ def restore_tree(item_dir: Path, abstract_tree) -> Any:
     """Restore an orbax StandardCheckpointer tree straight into the shardings of `abstract_tree`."""
     import orbax.checkpoint as ocp
 
+    saved = saved_tree_metadata(item_dir, frozen=True)
+    skipped = [k for k in FROZEN_SUBTREES if isinstance(saved, dict) and k in saved and k not in abstract_tree]
+    if skipped:  # this orbax restores whole trees only: read the frozen subtree too (like the params), drop it
+        abstract_tree = dict(abstract_tree, **{k: _like(saved[k], abstract_tree) for k in skipped})
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(item_dir, abstract_tree)
+        restored = checkpointer.restore(item_dir, abstract_tree)
+    return {k: v for k, v in restored.items() if k not in skipped} if skipped else restored
+
+
+def _like(saved_subtree, abstract_tree):
+    """An abstract tree for a saved frozen subtree: the model's own shardings when it mirrors the model."""
+    names = lambda t: {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
+    if names(saved_subtree) == names(without_frozen(abstract_tree)):
+        return without_frozen(abstract_tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved_subtree)
 
 
 def load_params(path, abstract_params) -> Any:

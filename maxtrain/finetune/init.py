@@ -58,6 +58,16 @@ def load_pretrained(path, params: Any, *, partial: bool = False, model_cfg=None,
     model_cfg: the run's model; its methods' `init_from` hooks then run on the new leaves
     (tokenize: text -> token ids, for a soft prompt initialised from text).
     """
+    from maxtrain.checkpoint.params import FROZEN_SUBTREES, without_frozen
+
+    frozen = [k for k in FROZEN_SUBTREES if isinstance(params, dict) and k in params]
+    saved = saved_param_names(path) if frozen else set()
+    frozen = [k for k in frozen if not any(n.startswith(f"{k}/") for n in saved)]  # a run that has one: load it
+    if frozen:  # DPO's frozen reference, fresh: a copy of exactly the weights the policy starts from
+        loaded = load_pretrained(path, without_frozen(params), partial=partial, model_cfg=model_cfg, tokenize=tokenize,
+                                 seed=seed)
+        copy = jax.jit(lambda t: jax.tree.map(lambda x: x.copy(), t))(loaded)  # own buffers, same shardings
+        return {**loaded, **{k: copy for k in frozen}}
     params = _load(path, params, partial)
     if model_cfg is not None:
         from maxtrain.finetune import registry

@@ -212,6 +212,7 @@ def register_commands(sub) -> None:
             raise UserError(f"{e}; ask for fewer --train/--eval records") from None
 
     make.set_defaults(func=run)
+    from maxtrain.tasks.pairs import add_pairs_command; add_pairs_command(tsub)  # noqa: E702
 
     order = tsub.add_parser("word-order", help="write a text classification pair: corpus sentences as written or with two words swapped")
     order.add_argument("out", help="output directory")
