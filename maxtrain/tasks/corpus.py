@@ -50,32 +50,71 @@ def _swapped(rng: random.Random, sentence: str) -> str:
             return " ".join(words)
 
 
-def word_order_records(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, eval) records {text, label}, balanced; eval sentences come from other documents."""
+def _replaced(rng: random.Random, sentence: str, vocabulary: list[str], share: float) -> str:
+    words = sentence.split()
+    for i in rng.sample(range(len(words)), max(1, round(share * len(words)))):
+        while True:
+            w = rng.choice(vocabulary)  # drawn by corpus frequency, so a rare word does not give the answer away
+            if w != words[i]:
+                words[i] = w
+                break
+    return " ".join(words)
+
+
+CORRUPTIONS = ("swap", "replace")
+
+
+def word_order_records(n_train: int, n_eval: int, seed: int = 0, *, corruption: str = "swap", share: float = 0.0,
+                       heldout_fraction: float | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """(train, eval) records {text, label}, balanced; eval sentences come from other documents.
+
+    corruption: `swap` (label 0: two words swapped) or `replace` (label 0: `share` of the words,
+    at least one, replaced by words drawn from the split's sentences by frequency, as in ELECTRA's
+    replaced-token detection).
+    heldout_fraction: eval sentences come from the documents that `data.eval_fraction` at this
+    value holds out of a run on the embedded corpus (so a masked LM pretrained with it never saw
+    them); None: a random fifth of the documents.
+    """
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {corruption!r}; choose from {', '.join(CORRUPTIONS)}")
     from maxtrain.data.embedded import embedded_documents
 
     docs = [text for _, text in embedded_documents()]
     rng = random.Random(seed)
-    rng.shuffle(docs)
-    cut = len(docs) // 5  # a fifth of the documents give the held-out sentences
-    pools = {"eval": list(dict.fromkeys(sentences(docs[:cut]))), "train": list(dict.fromkeys(sentences(docs[cut:])))}
+    if heldout_fraction is None:
+        rng.shuffle(docs)
+        cut = len(docs) // 5  # a fifth of the documents give the held-out sentences
+        held, rest = docs[:cut], docs[cut:]
+    else:
+        held = heldout_documents(heldout_fraction)
+        rest = [d for d in docs if d not in set(held)]
+    held_out = list(dict.fromkeys(sentences(held)))
+    seen = set(held_out)  # a sentence some held-out document shares with a training one stays held out
+    pools = {"eval": held_out, "train": [s for s in dict.fromkeys(sentences(rest)) if s not in seen]}
     out = {}
     for split, n in (("train", n_train), ("eval", n_eval)):
         pool = pools[split]
         if len(pool) < n:
             raise ValueError(f"the corpus has {len(pool)} {split} sentences, fewer than {n}")
         picked = rng.sample(pool, n)
-        out[split] = [{"text": _plain(s), "label": 1} if i % 2 == 0 else {"text": _swapped(rng, _plain(s)), "label": 0}
+        if corruption == "swap":
+            corrupt = lambda s: _swapped(rng, s)  # noqa: E731
+        else:
+            vocabulary = [w for s in pool for w in _plain(s).split()]
+            corrupt = lambda s: _replaced(rng, s, vocabulary, share)  # noqa: E731
+        out[split] = [{"text": _plain(s), "label": 1} if i % 2 == 0 else {"text": corrupt(_plain(s)), "label": 0}
                       for i, s in enumerate(picked)]  # fmt: skip
     return out["train"], out["eval"]
 
 
-def write_word_order(out_dir: str | Path, *, train: int, eval: int, seed: int = 0) -> dict[str, Path]:
+def write_word_order(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, corruption: str = "swap",
+                     share: float = 0.0, heldout_fraction: float | None = None) -> dict[str, Path]:  # fmt: skip
     """Write word_order_train.jsonl / word_order_eval.jsonl under out_dir; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, recs in zip(("word_order_train", "word_order_eval"), word_order_records(train, eval, seed)):
+    recs = word_order_records(train, eval, seed, corruption=corruption, share=share, heldout_fraction=heldout_fraction)
+    for name, recs in zip(("word_order_train", "word_order_eval"), recs):
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
     return paths

@@ -219,12 +219,18 @@ def register_commands(sub) -> None:
     order.add_argument("--train", type=int, default=4000)
     order.add_argument("--eval", type=int, default=400)
     order.add_argument("--seed", type=int, default=0)
+    order.add_argument("--corruption", choices=("swap", "replace"), default="swap",
+                       help="label 0: two words swapped, or --share of the words replaced by corpus words")
+    order.add_argument("--share", type=float, default=0.0, help="with --corruption replace: share of the words replaced (at least one)")
+    order.add_argument("--heldout-fraction", type=float, default=None,
+                       help="held-out sentences from the documents data.eval_fraction=F holds out (unseen by a run pretrained with it)")
 
     def run_order(ns):
         from maxtrain.tasks.corpus import write_word_order
 
         try:
-            paths = write_word_order(ns.out, train=ns.train, eval=ns.eval, seed=ns.seed)
+            paths = write_word_order(ns.out, train=ns.train, eval=ns.eval, seed=ns.seed, corruption=ns.corruption,
+                                     share=ns.share, heldout_fraction=ns.heldout_fraction)  # fmt: skip
         except ValueError as e:
             raise UserError(f"{e}; ask for fewer --train/--eval records") from None
         for name, path in paths.items():
