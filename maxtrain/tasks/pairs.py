@@ -81,6 +81,8 @@ def sampled_pairs(path: str, records: list[dict], *, samples: int = 4, temperatu
             chunk = prompts[start : start + size]
             outs = gen.generate(chunk + [chunk[0]] * (size - len(chunk)), s, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
             for j, out in enumerate(outs[: len(chunk)]):
+                if any(t >= tok.vocab_size for t in out):  # ids in the model's padded vocab only: no text
+                    continue
                 reply = _normalise(tok.decode([t for t in out if t != tok.eos_id]))
                 r = records[start + j]
                 if reply and reply != _normalise(r["output"]) and reply not in wrong[start + j]:
