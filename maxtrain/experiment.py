@@ -167,6 +167,9 @@ def policy_gradient_objective(cfg: RunConfig, apply_fn) -> Objective:
     if cfg.train.global_batch % rl.group_size:
         raise UserError(f"train.global_batch={cfg.train.global_batch} rollouts do not split into groups of "
                         f"train.rl.group_size={rl.group_size}; use a multiple of it")
+    if not rl.rewards:
+        raise UserError("train.objective=grpo needs at least one reward; set train.rl.rewards, e.g. "
+                        "[{type: exact_match, field: answer}] (see README: Reinforcement learning)")
     reference = rl_reference(cfg)
     if reference == "adapters_off" and cfg.finetune.lora is None:
         raise UserError("train.rl.reference=adapters_off needs LoRA adapters (finetune.lora); add them or use reference=init")

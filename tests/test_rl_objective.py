@@ -130,14 +130,12 @@ def test_one_step_raises_positive_advantage_completions():
     assert np.all(np.sign(change[adv != 0]) == np.sign(adv[adv != 0])), (change, adv)
 
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-
-
 @pytest.mark.parametrize("loss_type,aggregation", [("grpo", "sequence"), ("bnpo", "token"), ("dr_grpo", "constant")])
 def test_loss_equals_trl_grpo_trainer(tmp_path, loss_type, aggregation):
+    torch = pytest.importorskip("torch")  # the oracle is a test-only extra: the other tests run without it
+    transformers = pytest.importorskip("transformers")
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
     from maxtrain.convert import convert_from_hf
     from maxtrain.generate import load_generator
 
@@ -185,3 +183,24 @@ def test_loss_equals_trl_grpo_trainer(tmp_path, loss_type, aggregation):
     hf.train()
     theirs = float(trainer._compute_loss(hf, inputs))
     np.testing.assert_allclose(float(loss_sum / m["weight"]), theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.format.type=sft"], "set data.format.type=prompts"),
+    (["train.objective=sft", "data.format.type=prompts"], "feeds rollouts to train.objective=grpo"),
+    (["data.format.type=prompts", "train.rl.rewards=[]"], "needs at least one reward"),
+    (["data.format.type=prompts", "train.global_batch=12"], "do not split into groups of train.rl.group_size=8"),
+    (["data.format.type=prompts", "train.rl.max_completion_len=64"], "leaves no room for the prompt"),
+    (["data.format.type=prompts", "train.rl.beta=0.1"], "set init_from"),
+    (["data.format.type=prompts", "train.rl.beta=0.1", "train.rl.reference=adapters_off", "init_from=x"], "needs LoRA"),
+])  # fmt: skip
+def test_rl_config_mistakes_are_one_line_user_errors(overrides, message):
+    from maxtrain.config import load_config
+    from maxtrain.errors import UserError
+    from maxtrain.experiment import build_objective
+
+    base = ["model=tiny-llama", "train.objective=grpo", "train.global_batch=16", "train.seq_len=64",
+            "train.rl.group_size=8", "train.rl.rewards=[{type: exact_match}]"]
+    with pytest.raises(UserError, match=message) as e:
+        build_objective(load_config(None, base + overrides), apply_fn=None)
+    assert "\n" not in str(e.value)
