@@ -17,7 +17,7 @@ $MAXTRAIN fill-mask --checkpoint "$RUNS/mlm-demo" --text "Return a <mask> of the
     --text "If the <mask> is not found, raise KeyError." --text "The <mask> module provides functions for working with files."
 
 stamp "word-order task"
-$MAXTRAIN tasks word-order "$RUNS/word-order"
+$MAXTRAIN tasks word-order "$RUNS/word-order" --corruption replace --share 0.3
 data="data.sources=[{type: jsonl, path: $RUNS/word-order/word_order_train.jsonl}]"
 sets="eval.sets={word-order: [{type: jsonl, path: $RUNS/word-order/word_order_eval.jsonl}]}"
 tok="data.tokenizer.path=$RUNS/mlm-demo/tokenizer.model"
