@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The masked-LM demo end to end (README "Masked-LM pretraining"): pretrain a small BERT-style
 # encoder on the embedded corpus, fill masks with it, then finetune it with a new
-# classification layer on the word-order task and the same finetune from random weights.
+# classification layer on the corpus' replaced-word task (`tasks word-order --corruption replace`)
+# and the same finetune from random weights: the transfer margin lands in $RUNS/mlm-results.txt.
 #
 #     bash configs/recipes/mlm-demo.sh            # writes runs/mlm-*; RUNS=DIR to change
 set -euo pipefail
