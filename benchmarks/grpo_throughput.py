@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -288,14 +289,18 @@ def main() -> int:
     prompts = _prompt_texts(args)
     shape = {"d_model": args.d_model, "layers": args.layers, "vocab": args.vocab, "prompts": args.prompts,
              "group": args.group, "prompt_len": args.prompt_len, "completion_len": args.completion_len,
-             "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "jax_devices": len(jax.devices())}
+             "rounds": args.rounds, "torch_threads": torch.get_num_threads(), "jax_devices": len(jax.devices()),
+             "cpus": os.cpu_count()}
     res: dict = {"shape": shape}
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         root = _write_model(args, Path(tmp))
         if args.only in (None, "generate"):
             res["generate"] = _generation(args, root, prompts)
         if args.only in (None, "grpo"):
             res["grpo"] = _grpo(args, root, prompts)
+    # A shared host's load moves absolute numbers (ratios much less: the sides alternate); record it.
+    res["load_average_1m"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
     print(_table(res))
     print(json.dumps(res))
     if args.out:
