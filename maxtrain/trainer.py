@@ -210,7 +210,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
     peak = peak_flops_total(cfg.log.peak_flops)
     n_params = cfg.model.param_count()
-    baseline_data, baseline_split, _ = next(iter(sets.values()), (cfg.data, "train", None))
+    # Without a held-out set, every training document once ("train" repeats forever: a tiny
+    # dataset would be read over and over up to unigram_entropy's token cap).
+    baseline_data, baseline_split, _ = next(iter(sets.values()), (cfg.data, "all", None))
     summary: dict[str, Any] = {"params": n_params, "peak_flops": peak}
     baseline = ""
     if cfg.data.format.type != "prompts":  # rollouts have no token targets to count

@@ -72,3 +72,15 @@ def test_template_model_without_one_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="has no chat_template"):
         template_for("model", "llama", tok)
     assert template_for("auto", "llama", tok).name == "llama3"  # no template of its own: the family's
+
+
+def test_a_chat_template_jinja_file_beside_the_tokenizer_is_found(tmp_path):
+    """transformers >= 4.50 saves the template as chat_template.jinja, not in tokenizer_config.json."""
+    import json
+
+    from maxtrain.data.tokenizer import chat_template_near
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'old' }}"}))
+    assert chat_template_near(str(tmp_path / "tokenizer.json")) == "{{ 'old' }}"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert chat_template_near(str(tmp_path / "tokenizer.json")).startswith("{% for m in messages %}")

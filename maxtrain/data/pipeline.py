@@ -200,7 +200,7 @@ def make_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def unigram_entropy(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "eval"] = "eval",
+def unigram_entropy(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "eval", "all"] = "eval",
                     max_tokens: int = 2_000_000) -> float:
     """Entropy in nats per token of the unigram distribution of the split's targets.
 

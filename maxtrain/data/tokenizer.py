@@ -169,7 +169,8 @@ def load_tokenizer(path: str, *, bos: str | None = None, eos: str | None = None,
 
 
 def chat_template_near(path: str) -> str | None:
-    """The `chat_template` of the tokenizer_config.json next to a local tokenizer file, or None.
+    """The chat template saved next to a local tokenizer file, or None: chat_template.jinja (where
+    transformers >= 4.50 writes it) or the `chat_template` of tokenizer_config.json.
 
     A list of named templates (transformers' format for several) gives its "default" one.
     """
@@ -177,7 +178,15 @@ def chat_template_near(path: str) -> str | None:
 
     if is_remote(path):
         return None
-    config = os.path.join(os.path.dirname(os.path.expanduser(path)), "tokenizer_config.json")
+    folder = os.path.dirname(os.path.expanduser(path))
+    try:
+        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
+            text = f.read()
+        if text.strip():
+            return text
+    except OSError:
+        pass
+    config = os.path.join(folder, "tokenizer_config.json")
     try:
         with open(config, encoding="utf-8") as f:
             template = json.load(f).get("chat_template")
