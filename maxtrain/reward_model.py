@@ -134,7 +134,9 @@ class RewardModel:
         from maxtrain.data.preference import as_messages, cut_sequences
 
         p = as_messages(prompt, "user", "prompt")
-        c = as_messages(completion, "assistant", "completion")
+        # An empty reply is a reply to score (a policy that stops at once), not a bad record.
+        c = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else \
+            as_messages(completion, "assistant", "completion")
         for m in (p, c):
             if isinstance(m, str):
                 raise UserError(f"{where}: {m}")
