@@ -101,7 +101,7 @@ def test_score_command_prints_rewards_and_pairwise_accuracy(reward_run, tmp_path
     (None, "does not exist"),
     ([{"prompt": "1+1="}], "missing field 'completion'"),
     ([{"prompt": "1+1=", "chosen": "2"}], "missing field 'rejected'"),
-    ([{"prompt": "1+1=", "completion": ""}], "'completion' is empty"),
+    ([{"prompt": "1+1=", "completion": 5}], "'completion' must be a string"),
 ])  # fmt: skip
 def test_bad_score_input_is_one_line_exit_2(reward_run, tmp_path, capsys, records, why):
     root, _ = reward_run
