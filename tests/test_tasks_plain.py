@@ -8,23 +8,20 @@ from maxtrain.tasks.synthetic import PLAIN_FORMS, TASKS, plain_records
 
 
 def _check(line: str) -> None:
-    """Re-solve one plain line and compare with the answer it states."""
-    if " backwards is " in line:
-        given, answer = line.split(" backwards is ")
+    """Re-solve one plain line ("reverse d h b -> b h d") and compare with the answer it states."""
+    prompt, answer = line.split(" -> ")
+    task, given = prompt.split(" ", 1)
+    if task == "reverse":
         assert answer.split() == given.split()[::-1]
-    elif " in order is " in line:
-        given, answer = line.split(" in order is ")
+    elif task == "sort":
         assert answer.split() == sorted(given.split())
-    elif " makes " in line:
-        given, answer = line.split(" makes ")
+    elif task == "add":
         a, b = given.split(" + ")
         assert int(answer.replace(" ", "")) == int(a.replace(" ", "")) + int(b)
     else:
-        table, question = line.split(" so ")
-        key, value = question.split(" is ")
+        key, table = given.split(" in ")
         words = table.split()
-        lookup = {words[i]: words[i + 2] for i in range(0, len(words), 3)}
-        assert lookup[key] == value, line
+        assert {words[i]: words[i + 2] for i in range(0, len(words), 3)}[key] == answer, line
 
 
 def test_plain_lines_are_solved_and_cover_every_task():
@@ -34,7 +31,7 @@ def test_plain_lines_are_solved_and_cover_every_task():
     for line in lines:
         _check(line)
     assert set(PLAIN_FORMS) == set(TASKS)
-    assert sum(" backwards is " in line for line in lines) == 40  # tasks in turn
+    assert sum(line.startswith("reverse ") for line in lines) == 40  # tasks in turn
 
 
 def test_plain_excludes_held_out_prompts(tmp_path):

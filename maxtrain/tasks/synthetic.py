@@ -137,16 +137,14 @@ def write_suite(out_dir: str | Path, *, train: int, eval: int, seed: int = 0, ta
     return paths
 
 
-# The same tasks as plain text in another surface form than the instruction template, for
-# pretraining a base that already has the skills (README "Every finetuning method on one
-# base"): finetuning then has only to map the template onto them, which is the situation
-# parameter-efficient methods are made for.
+# The same tasks as plain text outside the instruction template, for pretraining a base that
+# already has the skills (README "Every finetuning method on one base"): finetuning then has
+# only to map the template onto them, which is the situation parameter-efficient methods are
+# made for. The form is the prompt with an arrow: a prose form ("d h b backwards is b h d")
+# gave full and partial finetuning much less (README's table notes).
 PLAIN_FORMS: dict[str, Callable[[str, str], str]] = {
-    "reverse": lambda prompt, answer: f"{prompt.split(': ', 1)[1]} backwards is {answer}",
-    "sort": lambda prompt, answer: f"{prompt.split(': ', 1)[1]} in order is {answer}",
-    "add": lambda prompt, answer: f"{prompt.split(': ', 1)[1]} makes {answer}",
-    "lookup": lambda prompt, answer: f"{prompt.split(' in: ', 1)[1]} so {prompt.split(' ')[1]} is {answer}",
-}  # fmt: skip
+    name: (lambda prompt, answer: f"{prompt.replace(':', '')} -> {answer}") for name in TASKS
+}  # the prompt without its colon, an arrow, the answer: "reverse d h b -> b h d"
 
 
 def plain_records(n: int, seed: int, *, lines: int = 16, tasks=tuple(TASKS), exclude: set[str] = frozenset()) -> list[dict]:
