@@ -45,7 +45,11 @@ fi
 grpo=(configs/recipes/grpo.yaml init_from="$(at tasks-sft)" "$tok" "data.sources=[{type: jsonl, path: $(at tasks-data/train.jsonl)}]" $steps)
 if ! done_run tasks-grpo-rm; then
     stamp "3. GRPO with the reward model"
-    $MAXTRAIN train "${grpo[@]}" run_dir="$(at tasks-grpo-rm)" "train.rl.rewards=[{type: model, path: $(at tasks-reward), name: reward_model}, {type: exact_match, field: output, weight: 0.0}]"
+    # The learned reward is the one optimised; exact match rides along at weight 0 (logged, not
+    # trained on) to show whether the policy gets better or only better at pleasing the model.
+    # A learned reward gets a stronger KL leash (beta 0.2) than a verifiable one.
+    $MAXTRAIN train "${grpo[@]}" run_dir="$(at tasks-grpo-rm)" train.rl.beta=0.2 \
+        "train.rl.rewards=[{type: model, path: $(at tasks-reward), name: reward_model}, {type: exact_match, field: output, weight: 0.0}]"
 fi
 [ -f "$(at eval-tasks-grpo-rm.json)" ] || exact tasks-grpo-rm
 if ! done_run tasks-grpo; then
