@@ -206,24 +206,18 @@ def load_generator(path: str, *, dtype: str = "auto", devices=None) -> tuple[Gen
 
     devices: the mesh's devices (default: all), params sharded over them by the default mesh rules.
     """
-    from maxtrain.checkpoint.params import load_params, model_config_of
+    from maxtrain.checkpoint.params import load_params_onto, model_config_of
     from maxtrain.checkpoint.source import resolve_model
     from maxtrain.config import MeshConfig
     from maxtrain.experiment import compute_dtype
     from maxtrain.mesh import build_mesh
-    from maxtrain.step import state_shardings
 
     source = resolve_model(path)  # once: a run that checkpoints meanwhile does not switch steps under us
     meta = source.metadata()
     cfg = model_config_of(meta)  # LoRA runs generate with their adapters; a head is loaded but unused
     mesh_cfg = MeshConfig()
     mesh = build_mesh(mesh_cfg, devices)
-    model = Transformer(cfg)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
-        boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 2), jnp.int32))["params"], jax.random.PRNGKey(0))
-    shardings = state_shardings(boxed, mesh, mesh_cfg.rules)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nn.unbox(boxed), shardings)
-    params = load_params(source.params_dir.parent, abstract)
+    params = load_params_onto(source.params_dir.parent, cfg, mesh, mesh_cfg.rules)
     generator = Generator(cfg, params, mesh=mesh, rules=mesh_cfg.rules, dtype=compute_dtype(dtype))
     return generator, source.tokenizer(), meta
 

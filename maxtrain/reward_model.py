@@ -26,7 +26,6 @@ import json
 import math
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,12 +51,10 @@ def load_model(path, *, mesh=None, rules=None) -> LoadedModel:
     """Params of a run dir / step dir / export (checkpoint.source.resolve_model) sharded over `mesh` by `rules`
     (defaults: every device, MeshConfig's rules), with the model config that rebuilds them (head, LoRA)."""
     from maxtrain.checkpoint.commands import run_config_of
-    from maxtrain.checkpoint.params import load_params, model_config_of
+    from maxtrain.checkpoint.params import load_params_onto, model_config_of
     from maxtrain.checkpoint.source import resolve_model
     from maxtrain.config import MeshConfig
     from maxtrain.mesh import build_mesh
-    from maxtrain.model.transformer import Transformer
-    from maxtrain.step import state_shardings
 
     source = resolve_model(path)
     meta = source.metadata()
@@ -65,12 +62,7 @@ def load_model(path, *, mesh=None, rules=None) -> LoadedModel:
     tok = source.require_tokenizer()
     rules = rules if rules is not None else MeshConfig().rules
     mesh = mesh if mesh is not None else build_mesh(MeshConfig())
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda r: Transformer(model_cfg).init(r, jnp.zeros((1, 2), jnp.int32))["params"],
-                               jax.random.PRNGKey(0))
-    shardings = state_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nn.unbox(boxed), shardings)
-    params = load_params(source.params_dir.parent, abstract)
+    params = load_params_onto(source.params_dir.parent, model_cfg, mesh, rules)
     return LoadedModel(model_cfg, run_config_of(meta), params, tok, meta, mesh, rules)
 
 

@@ -257,3 +257,20 @@ def load_params(path, abstract_params) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
         raise UserError(f"params at '{params_dir}' are damaged or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); use another checkpoint") from None
+
+
+def load_params_onto(path, model_cfg, mesh, rules) -> Any:
+    """Params stored at `path` (a checkpoint step or export) read straight into the shardings that
+    `rules` give `model_cfg`'s Transformer on `mesh` (nothing is materialised on one host first)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from maxtrain.model.transformer import Transformer
+    from maxtrain.step import state_shardings
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda r: Transformer(model_cfg).init(r, jnp.zeros((1, 2), jnp.int32))["params"],
+                               jax.random.PRNGKey(0))
+    shardings = state_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), nn.unbox(boxed), shardings)
+    return load_params(path, abstract)
