@@ -105,7 +105,7 @@ def eval_sets(cfg: RunConfig) -> dict[str, tuple]:
     each of eval.sets is all documents of its sources (reported as eval_loss/<name>).
     """
     sets = {}
-    if cfg.data.format.type == "prompts":  # rollouts have no held-out loss: `maxtrain eval` measures the policy
+    if cfg.data.format.rollouts:  # no held-out loss: `maxtrain eval` measures the policy
         if cfg.eval.sets:
             raise UserError("eval.sets are held-out losses, which RL runs (data.format.type=prompts) do not have; "
                             "remove them and run `maxtrain eval` on the run for exact match")
@@ -136,7 +136,7 @@ def _saves_finish_on_error(ckpt):
 
 def train_batch_source(cfg: RunConfig, exp: Experiment, tokenizer, pipeline_args: dict):
     """The run's train batches: the data pipeline, or for RL (data.format.type=prompts) the rollout source."""
-    if cfg.data.format.type == "prompts":
+    if cfg.data.format.rollouts:
         from maxtrain.rl.rollouts import RolloutSource
 
         return RolloutSource(cfg, exp, tokenizer, rows=pipeline_args["rows"])
@@ -215,7 +215,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     baseline_data, baseline_split, _ = next(iter(sets.values()), (cfg.data, "all", None))
     summary: dict[str, Any] = {"params": n_params, "peak_flops": peak}
     baseline = ""
-    if cfg.data.format.type != "prompts":  # rollouts have no token targets to count
+    if not cfg.data.format.rollouts:  # rollouts have no token targets to count
         summary["unigram_entropy"] = unigram_entropy(baseline_data, tokenizer, split=baseline_split)
         baseline = f"; unigram entropy {summary['unigram_entropy']:.3f} nats"
     log.info(

@@ -82,6 +82,9 @@ class _Format(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     records: ClassVar[bool] = False  # True: reads JSONL records; False: plain text from any source
+    # True: train batches come from a rollout source sampling the policy (maxtrain/rl/rollouts.py),
+    # not the packer, so there are no token targets to count and no held-out loss.
+    rollouts: ClassVar[bool] = False
 
     def batching(self) -> tuple[str, bool]:
         """(how a lane fills a row: pack, whole or single; whether batches carry labels)."""
@@ -224,6 +227,7 @@ class PromptsFormat(_Format):
 
     type: Literal["prompts"] = "prompts"
     records: ClassVar[bool] = True
+    rollouts: ClassVar[bool] = True
     template: str = "auto"
 
     def record_encoder(self, tok, family: str | None = None):
