@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maxtrain.objectives import ApplyFn, Batch, Objective, _dropout_rngs
 
@@ -31,7 +32,7 @@ def group_advantages(rewards_NxG: jax.Array, *, baseline: str = "group_mean", sc
     scale: group (divide by the group's sample std + 1e-4), batch (the batch's std) or none.
     Works on numpy arrays too (the rollout source computes advantages on the host).
     """
-    xp = jnp if isinstance(rewards_NxG, jax.Array) else __import__("numpy")
+    xp = jnp if isinstance(rewards_NxG, jax.Array) else np
     g = rewards_NxG.shape[1]
     total = rewards_NxG.sum(axis=1, keepdims=True)
     base = (total - rewards_NxG) / (g - 1) if baseline == "leave_one_out" else total / g

@@ -158,8 +158,7 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "
         raise UserError(f"seq_len and global_batch must be positive (got {seq_len}, {global_batch})")
     rows = list(process_rows(global_batch, process_index, process_count) if rows is None else rows)
     sources = open_sources(cfg, tok)
-    # Loader knobs (workers, prefetch) change how fast batches come, never which: not in the fingerprint.
-    settings = [cfg.model_dump(mode="json", exclude={"workers", "prefetch"}), tok.identity, split, seq_len, global_batch, seed]
+    settings = [split, seq_len, global_batch, seed]
     skip_bad = cfg.on_bad_record == "skip"
     if all(hasattr(s, "doc_keys") for s in sources):
         fill, labels = cfg.format.batching()
@@ -178,8 +177,17 @@ def build_pipeline(cfg: DataConfig, tok: Tokenizer, *, split: Literal["train", "
         inner = PackedBatchIterDataset(docs, rows=len(rows), seq_len=seq_len, pad_id=tok.pad_id, skip_bad=skip_bad).__iter__()
         settings += [process_index, process_count]
         kind = "stream"
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return DataIterator(inner, fingerprint, cfg.prefetch, kind=kind, process_index=process_index, process_count=process_count)
+    return DataIterator(inner, data_fingerprint(cfg, tok, *settings), cfg.prefetch, kind=kind,
+                        process_index=process_index, process_count=process_count)
+
+
+def data_fingerprint(cfg: DataConfig, tok: Tokenizer, *settings) -> str:
+    """A short hash naming which batches a data config, tokenizer and `settings` (JSON values) give.
+
+    Loader knobs (workers, prefetch) change how fast batches come, never which: not in it.
+    """
+    key = [cfg.model_dump(mode="json", exclude={"workers", "prefetch"}), tok.identity, *settings]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def local_rows(sharding, global_batch: int) -> np.ndarray:

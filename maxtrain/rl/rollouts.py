@@ -20,9 +20,7 @@ so a resumed run samples exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import json
 import logging
 import time
 from typing import Any
@@ -34,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maxtrain.data.documents import global_documents, open_sources
+from maxtrain.data.pipeline import data_fingerprint, make_global_batch
 from maxtrain.data.prompts import prompt_text
 from maxtrain.errors import UserError
 from maxtrain.generate import Generator, Sampling, continuation
@@ -126,15 +125,15 @@ class RolloutSource:
                                       out_shardings=exp.batch_sharding)
         else:
             self._ref_logps = self._logps
+        self._zeros = jax.jit(jnp.zeros_like, out_shardings=exp.batch_sharding)  # fields a run does not use
         self._reference_params = None  # reference=init: the init_from weights, loaded at the first rollout
         self._key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x5A3)  # the sampler's own stream
         self.position, self.skipped, self.rollouts, self.passes = 0, 0, 0, 0
         self.pending: dict | None = None
         self.metrics: dict[str, float] = {}
         self._last_end: float | None = None
-        settings = [cfg.data.model_dump(mode="json", exclude={"workers", "prefetch"}), tokenizer.identity,
-                    rl.model_dump(mode="json", exclude={"iterations"}), t.seq_len, t.global_batch, cfg.seed]
-        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = data_fingerprint(cfg.data, tokenizer, rl.model_dump(mode="json", exclude={"iterations"}),
+                                            t.seq_len, t.global_batch, cfg.seed)
 
     # -- prompts ---------------------------------------------------------------------------
     def _next_prompts(self) -> list[dict]:
@@ -203,7 +202,7 @@ class RolloutSource:
         batch["advantages"] = np.repeat(adv[:, None].astype(np.float32), self.seq_len, axis=1) * (batch["loss_weights"] > 0)
         scored = time.perf_counter()
         device = self._to_device(batch)
-        zeros = jax.jit(jnp.zeros_like, out_shardings=self.exp.batch_sharding)
+        zeros = self._zeros
         device["old_logps"] = self._logps(params, device) if self.rl.iterations > 1 else zeros(device["advantages"])
         if self.reference is None:
             device["reference_logps"] = zeros(device["advantages"])
@@ -247,8 +246,6 @@ class RolloutSource:
         return full
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict:
-        from maxtrain.data.pipeline import make_global_batch
-
         return make_global_batch({k: v[self.rows] for k, v in batch.items()}, self.exp.batch_sharding)
 
     def _init_params(self, template):
