@@ -2,7 +2,7 @@
 
 Prompts of different lengths share a batch: they are right-padded to a common length, and
 row b's next token goes to cache slot (= position) len_b, len_b + 1, ... so each row
-attends only to its own prompt and tokens (see Attention._attend_to_cache). The loop ends
+attends only to its own prompt and tokens (see Attention._update_cache). The loop ends
 when every row has produced an end-of-sequence token or the token limit is reached.
 Params keep the shardings of training (same mesh and logical-axis rules); the cache is
 sharded over batch and kv heads.
@@ -79,9 +79,22 @@ def sample_tokens(logits_BxV: jax.Array, rng: jax.Array, s: Sampling) -> jax.Arr
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
-    """Zeroed KV cache {"layers": {"attn": {"cached_k", "cached_v"}}}, each [L, B, T, K, H] (the "cache" collection)."""
-    shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    """Zeroed KV cache {"layers": {"attn": {"cached_k", "cached_v"}}}, each [L, B, K, T, H] (the "cache" collection).
+
+    Heads come before slots (T) so attention reads a layer's keys and values as they lie.
+    """
+    shape = (cfg.num_layers, batch, cfg.kv_heads, length, cfg.dim_per_head)
     return {"layers": {"attn": {"cached_k": jnp.zeros(shape, dtype), "cached_v": jnp.zeros(shape, dtype)}}}
+
+
+def _unstack_layers(tree, num_layers: int) -> list:
+    """The per-layer trees of a tree of stacked [L, ...] leaves."""
+    return [jax.tree.map(lambda x: x[layer], tree) for layer in range(num_layers)]
+
+
+def _stack_layers(trees: list):
+    """The tree of stacked [L, ...] leaves of per-layer trees (inverse of _unstack_layers)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 class Generator:
@@ -89,7 +102,9 @@ class Generator:
 
     def __init__(self, cfg: ModelConfig, params: Any, *, mesh: jax.sharding.Mesh, rules, dtype=jnp.float32):
         self.cfg, self.params, self.mesh, self.rules, self.dtype = cfg, params, mesh, rules, dtype
-        self.model = Transformer(cfg, dtype=dtype, decode=True)
+        # Unrolled layers: a decode step then reads each layer's weights and cache from its own
+        # buffer (see _decode), where a scan slices (copies) them out of the stacked arrays.
+        self.model = Transformer(cfg, dtype=dtype, decode=True, unroll_layers=True)
         self._compiled: dict = {}
 
     def _forward(self, params, cache, tokens_BxS, positions_BxS):
@@ -117,21 +132,34 @@ class Generator:
             i, _, _, _, done_B, _, _ = carry
             return (i < s.max_new_tokens) & ~jnp.all(done_B)
 
+        # The loop keeps each layer's weights and cache in a buffer of its own and stacks them
+        # only as the model's input: with the layers unrolled, XLA folds slice(concatenate(...))
+        # away, so every layer reads its weights and keys/values as they lie and the cache
+        # scatter writes in place. Stacked [L, ...] arrays would instead be sliced, i.e. copied,
+        # layer by layer at every step: the weights and the whole cache, several times the
+        # work of a small batch's decode step.
+        layer_params = _unstack_layers(params["layers"], self.cfg.num_layers)
+
         def body(carry):
-            i, cache, logits_BxV, positions_B, done_B, rng, out_BxN = carry
+            i, layer_caches, logits_BxV, positions_B, done_B, rng, out_BxN = carry
             rng, step_rng = jax.random.split(rng)
             tokens_B = jnp.where(done_B, pad_id, sample_tokens(logits_BxV, step_rng, s))
             out_BxN = out_BxN.at[:, i].set(tokens_B)
             done_B = done_B | jnp.isin(tokens_B, eos_E)
-            hidden_Bx1xD, cache = self._forward(params, cache, tokens_B[:, None], positions_B[:, None])
-            return i + 1, cache, self._logits(params, hidden_Bx1xD[:, 0]), positions_B + 1, done_B, rng, out_BxN
+            step_params = {**params, "layers": _stack_layers(layer_params)}
+            step_cache = {**cache, "layers": _stack_layers(layer_caches)}
+            hidden_Bx1xD, step_cache = self._forward(step_params, step_cache, tokens_B[:, None], positions_B[:, None])
+            layer_caches = _unstack_layers(step_cache["layers"], self.cfg.num_layers)
+            logits_BxV = self._logits(step_params, hidden_Bx1xD[:, 0])
+            return i + 1, layer_caches, logits_BxV, positions_B + 1, done_B, rng, out_BxN
 
         out_BxN = jnp.full((batch, s.max_new_tokens), pad_id, jnp.int32)
-        init = (jnp.int32(0), cache, logits_BxV, lengths_B, jnp.zeros((batch,), bool), rng, out_BxN)
-        steps, cache, *_, out_BxN = jax.lax.while_loop(cond, body, init)
-        # The cache goes out as well: the donated input cache is then the loop's own buffer
-        # (input-output aliasing), where an unused donation would be a copy and a JAX warning.
-        return out_BxN, steps, cache
+        layer_caches = _unstack_layers(cache["layers"], self.cfg.num_layers)
+        init = (jnp.int32(0), layer_caches, logits_BxV, lengths_B, jnp.zeros((batch,), bool), rng, out_BxN)
+        steps, layer_caches, *_, out_BxN = jax.lax.while_loop(cond, body, init)
+        # The cache goes out as well, so the donated input cache has a use (an unused donation
+        # is a JAX warning).
+        return out_BxN, steps, {**cache, "layers": _stack_layers(layer_caches)}
 
     def _functions(self, batch: int, prompt_len: int, s: Sampling, eos_ids, pad_id):
         s = dataclasses.replace(s, seed=0)  # the seed is an argument, not part of the program
@@ -146,7 +174,7 @@ class Generator:
 
         from maxtrain.mesh import logical_to_spec
 
-        axes = ("layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
+        axes = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
         return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh, self.rules))
 
     def sample(self, params, tokens_BxP: np.ndarray, lengths_B: np.ndarray, s: Sampling, rng: jax.Array, *,
@@ -163,7 +191,7 @@ class Generator:
         cache_len = virtual_tokens(self.cfg) + prompt_len + s.max_new_tokens
         prefill, decode = self._functions(batch, prompt_len, s, tuple(int(e) for e in eos_ids), int(pad_id))
         with jax.set_mesh(self.mesh):
-            shape = (self.cfg.num_layers, batch, cache_len, self.cfg.kv_heads, self.cfg.dim_per_head)
+            shape = (self.cfg.num_layers, batch, self.cfg.kv_heads, cache_len, self.cfg.dim_per_head)
             cache = jax.device_put(init_cache(self.cfg, batch, cache_len, self.dtype), self._cache_sharding(shape))
             logits, cache = prefill(params, cache, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B))
             out, steps, _ = decode(params, cache, logits, jnp.asarray(lengths_B), rng)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from maxtrain.config import MeshConfig
+from maxtrain.finetune.prefix import PrefixTuningConfig
+from maxtrain.finetune.prompt import PromptTuningConfig
 from maxtrain.generate import Generator, Sampling, filtered_logits, sample_tokens
 from maxtrain.mesh import build_mesh
 from maxtrain.model.config import ModelConfig
@@ -52,6 +54,29 @@ def test_cached_greedy_equals_full_forward_and_stops_at_eos():
     eos = out[0][3]
     stopped = gen.generate(prompts[:1], Sampling(max_new_tokens=10), eos_ids=[eos])
     assert stopped[0] == out[0][: out[0].index(eos) + 1]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # grouped-query attention (4 heads, 2 kv heads), no window
+    {"sliding_window": 4},
+    {"prompt_tuning": PromptTuningConfig(num_virtual_tokens=3, init="random"), "sliding_window": 6},
+    {"prefix_tuning": PrefixTuningConfig(num_virtual_tokens=3), "sliding_window": 4},  # the prefix outlives the window
+], ids=["gqa", "window", "soft_prompt", "prefix"])
+def test_a_batch_of_mixed_prompt_lengths_decodes_every_row_as_the_full_forward(overrides):
+    """Rows of 1, 5, 16 and 17 tokens share one batch (and cache); each row's greedy tokens equal the cache-free forward's."""
+    gen, model, params = _tiny_generator(**overrides)
+    prompts = [[7], [3, 9, 27, 17, 51], list(range(1, 17)), list(range(20, 37))]
+    new = 8
+    out = gen.generate(prompts, Sampling(max_new_tokens=new))
+    forward = jax.jit(lambda buf: model.apply({"params": params}, buf))
+    buf = np.zeros((len(prompts), 17 + new), np.int32)  # causal: the zeros after a row's end do not change its logits
+    for row, p in enumerate(prompts):
+        buf[row, : len(p)] = p
+    for i in range(new):
+        logits = np.asarray(forward(jnp.asarray(buf)))
+        for row, p in enumerate(prompts):
+            buf[row, len(p) + i] = int(logits[row, len(p) + i - 1].argmax())
+    assert out == [buf[row, len(p) : len(p) + new].tolist() for row, p in enumerate(prompts)]
 
 
 def test_sampling_is_reproducible_by_seed():

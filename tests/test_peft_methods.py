@@ -92,8 +92,8 @@ def test_prefix_equals_attention_over_concatenated_keys_and_values(name):
     b, s = TOKENS.shape
     cache = init_cache(BASE, b, P + s, jnp.float32)
     attn = cache["layers"]["attn"]
-    attn["cached_k"] = attn["cached_k"].at[:, :, :P].set(prefix_LxPx2xKxH[:, None, :, 0])
-    attn["cached_v"] = attn["cached_v"].at[:, :, :P].set(prefix_LxPx2xKxH[:, None, :, 1])
+    attn["cached_k"] = attn["cached_k"].at[:, :, :, :P].set(prefix_LxPx2xKxH[:, None, :, 0].swapaxes(2, 3))  # [L, B, K, T, H]
+    attn["cached_v"] = attn["cached_v"].at[:, :, :, :P].set(prefix_LxPx2xKxH[:, None, :, 1].swapaxes(2, 3))
     positions = jnp.broadcast_to(P + jnp.arange(s), (b, s))
     want, _ = Transformer(BASE, decode=True).apply({"params": BASE_PARAMS, "cache": cache}, TOKENS, positions, mutable=["cache"])
     np.testing.assert_allclose(_apply(cfg, params, TOKENS), np.asarray(want), atol=1e-5)

@@ -49,12 +49,25 @@ def dot_product_attention(
     matmuls. Heads move ahead of the sequence (B K G S H) so each product is a plain
     batched GEMM with leading batch dims.
     """
+    k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+    return heads_first_attention(
+        q_BxSxNxH, k_BxKxTxH, v_BxKxTxH, mask_BxSxT, causal=causal, sliding_window=sliding_window, query_block=query_block
+    )
+
+
+def heads_first_attention(
+    q_BxSxNxH: jax.Array, k_BxKxTxH: jax.Array, v_BxKxTxH: jax.Array, mask_BxSxT: jax.Array, *,
+    causal: bool = False, sliding_window: int | None = None, query_block: int = 0,
+) -> jax.Array:
+    """dot_product_attention of keys/values stored heads first, [B, K, T, H] (the KV cache's layout).
+
+    Reading them as they lie matters in decode: transposing a [B, T, K, H] cache would copy
+    all of it every step, several times the work of the attention itself.
+    """
     b, s, n, h = q_BxSxNxH.shape
-    t, k = k_BxTxKxH.shape[1], k_BxTxKxH.shape[2]
+    k, t = k_BxKxTxH.shape[1], k_BxKxTxH.shape[2]
     g = n // k
     q_BxKxGxSxH = (q_BxSxNxH * (1.0 / math.sqrt(h))).reshape(b, s, k, g, h).transpose(0, 2, 3, 1, 4)
-    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
-    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
     blocked = causal and 0 < query_block < s and s == t
     bounds = [(s0, min(s0 + query_block, s)) for s0 in range(0, s, query_block)] if blocked else [(0, s)]
     outs = []
@@ -66,7 +79,7 @@ def dot_product_attention(
         scores_BxKxGxSxT = scores.reshape(b, k, g, s1 - s0, t1 - t0)
         keep = mask_BxSxT[:, None, None, s0:s1, t0:t1]
         scores_BxKxGxSxT = jnp.where(keep, scores_BxKxGxSxT, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores_BxKxGxSxT, axis=-1).astype(v_BxTxKxH.dtype)
+        probs = jax.nn.softmax(scores_BxKxGxSxT, axis=-1).astype(v_BxKxTxH.dtype)
         out = jnp.einsum("bkqt,bkth->bkqh", probs.reshape(b, k, g * (s1 - s0), t1 - t0), v_BxKxTxH[:, :, t0:t1])
         outs.append(out.reshape(b, k, g, s1 - s0, h))
     out_BxKxGxSxH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
@@ -134,17 +147,19 @@ class Attention(nn.Module):
             q_BxSxNxH = apply_rope(q_BxSxNxH, *rope)
             k_BxSxKxH = apply_rope(k_BxSxKxH, *rope)
         if self.decode:
-            k_BxSxKxH, v_BxSxKxH, mask_BxSxT = self._attend_to_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS, prefix_Px2xKxH)
+            k_BxKxTxH, v_BxKxTxH, mask_BxSxT = self._update_cache(k_BxSxKxH, v_BxSxKxH, positions_BxS, prefix_Px2xKxH)
         elif prefix_Px2xKxH is not None:
             b = k_BxSxKxH.shape[0]
             pre_BxPx2xKxH = jnp.broadcast_to(prefix_Px2xKxH[None].astype(k_BxSxKxH.dtype), (b,) + prefix_Px2xKxH.shape)
             k_BxSxKxH = jnp.concatenate([pre_BxPx2xKxH[:, :, 0], k_BxSxKxH], axis=1)
             v_BxSxKxH = jnp.concatenate([pre_BxPx2xKxH[:, :, 1].astype(v_BxSxKxH.dtype), v_BxSxKxH], axis=1)
         q_BxSxNxH = nn.with_logical_constraint(q_BxSxNxH, ("activation_batch", "activation_length", "activation_heads", None))
-        if self.kernel == "xla" or self.decode:
+        if self.decode:  # the mask holds causality, the window and each row's length
+            out_BxSxNxH = heads_first_attention(q_BxSxNxH, k_BxKxTxH, v_BxKxTxH, mask_BxSxT)
+        elif self.kernel == "xla":
             out_BxSxNxH = dot_product_attention(
                 q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxT,
-                causal=cfg.causal and not self.decode, sliding_window=cfg.sliding_window, query_block=self.query_block,
+                causal=cfg.causal, sliding_window=cfg.sliding_window, query_block=self.query_block,
             )  # fmt: skip
         else:
             out_BxSxNxH = fused_attention(
@@ -156,29 +171,32 @@ class Attention(nn.Module):
             (n, h), (d,), ("heads", "head_dim"), ("embed",), cfg.out_bias, out_std, self.dtype, self.param_dtype, cfg, name="o"
         )(out_BxSxNxH)
 
-    def _attend_to_cache(self, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxS: jax.Array, prefix_Px2xKxH=None):
-        """Write these keys/values into the KV cache at their positions; return the whole cache and its mask.
+    def _update_cache(self, k_BxSxKxH, v_BxSxKxH, positions_BxS, prefix_Px2xKxH=None):
+        """Write these keys/values into the KV cache at their positions; return the whole cache, [B, K, T, H], and its mask.
 
         Cache slot t holds position t of each row, so rows of one batch may sit at different
         lengths: a query at position p sees slots t <= p (within the window). Slots past a
         row's position hold stale or zero values that the mask hides until they are written.
+        Heads come before slots, so attention reads the cache as it lies (no transposed copy).
         """
+        cfg = self.cfg
         b, _, k, h = k_BxSxKxH.shape
-        shape = (b, self.cfg.max_seq_len, k, h)  # used only if the caller gave no cache
+        shape = (b, k, cfg.max_seq_len, h)  # used only if the caller gave no cache
         cached_k = self.variable("cache", "cached_k", jnp.zeros, shape, k_BxSxKxH.dtype)
         cached_v = self.variable("cache", "cached_v", jnp.zeros, shape, v_BxSxKxH.dtype)
-        rows_Bx1 = jnp.arange(b)[:, None]
         if prefix_Px2xKxH is not None:  # the prefix owns slots 0..P-1 (rewritten each call: same values)
             p = prefix_Px2xKxH.shape[0]
-            pre = jnp.broadcast_to(prefix_Px2xKxH[None], (b,) + prefix_Px2xKxH.shape)
-            cached_k.value = cached_k.value.at[:, :p].set(pre[:, :, 0].astype(cached_k.value.dtype))
-            cached_v.value = cached_v.value.at[:, :p].set(pre[:, :, 1].astype(cached_v.value.dtype))
-        cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxKxH.astype(cached_k.value.dtype))
-        cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxKxH.astype(cached_v.value.dtype))
-        slots_T = jnp.arange(cached_k.value.shape[1])
+            pre_BxKxPx2xH = jnp.broadcast_to(prefix_Px2xKxH.transpose(2, 0, 1, 3)[None], (b, k, p, 2, h))
+            cached_k.value = cached_k.value.at[:, :, :p].set(pre_BxKxPx2xH[..., 0, :].astype(cached_k.value.dtype))
+            cached_v.value = cached_v.value.at[:, :, :p].set(pre_BxKxPx2xH[..., 1, :].astype(cached_v.value.dtype))
+        # Row b's S new keys go to slots positions[b]: a scatter of B x S [K, H] pieces, in place.
+        rows_Bx1 = jnp.arange(b)[:, None]
+        cached_k.value = cached_k.value.at[rows_Bx1, :, positions_BxS].set(k_BxSxKxH.astype(cached_k.value.dtype))
+        cached_v.value = cached_v.value.at[rows_Bx1, :, positions_BxS].set(v_BxSxKxH.astype(cached_v.value.dtype))
+        slots_T = jnp.arange(cached_k.value.shape[2])
         mask_BxSxT = slots_T[None, None, :] <= positions_BxS[:, :, None]
-        if self.cfg.sliding_window is not None:
-            mask_BxSxT &= positions_BxS[:, :, None] - slots_T[None, None, :] < self.cfg.sliding_window
+        if cfg.sliding_window is not None:
+            mask_BxSxT &= positions_BxS[:, :, None] - slots_T[None, None, :] < cfg.sliding_window
             if prefix_Px2xKxH is not None:  # a prefix stays visible whatever the window (as in training)
                 mask_BxSxT |= (slots_T < prefix_Px2xKxH.shape[0])[None, None, :]
         return cached_k.value.astype(k_BxSxKxH.dtype), cached_v.value.astype(v_BxSxKxH.dtype), mask_BxSxT
