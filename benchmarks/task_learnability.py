@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 
+from maxtrain.data.formats import TEMPLATES
 from maxtrain.tasks.synthetic import TASKS, instruction_records
 
 
@@ -47,7 +48,8 @@ def main() -> None:
         held = instruction_records(args.eval, args.seed + 1, (args.task,), exclude={r["instruction"] for r in train})
     except ValueError as e:  # the task has fewer distinct prompts (add: 1000, reverse: 4608)
         raise SystemExit(f"{e}: ask for fewer --train / --eval prompts") from None
-    texts = lambda recs: [(f"User: {r['instruction']}\nAssistant: ", r["output"] + "\n") for r in recs]  # noqa: E731
+    (user, end_user), (assistant, end_reply) = TEMPLATES["plain"].turn("user"), TEMPLATES["plain"].turn("assistant")
+    texts = lambda recs: [(user + r["instruction"] + end_user + assistant, r["output"] + end_reply) for r in recs]  # noqa: E731
     chars = sorted({c for p, a in texts(train + held) for c in p + a})
     ids = {c: i + 1 for i, c in enumerate(chars)}  # 0 pads
 
