@@ -1,13 +1,28 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere.
 
 Tests use tiny models whose runtime is dominated by XLA compilation; LLVM -O0 compiles
-about 3x faster and keeps results exact, so the suite stays inside the CI budget.
+about 3x faster and keeps results exact, so the suite stays inside the CI budget. Many
+tests compile the same programs again (every test that builds an experiment, every
+subprocess run and its resumed twin), so the run shares one JAX persistent compilation
+cache: a fresh directory per pytest run, inherited by the xdist workers and by every
+`maxtrain` subprocess, removed at exit. Cached executables are the compiled programs
+themselves: results are bitwise those of a cold compile (the full suite measured 20 min 7 s
+without it, 17 min 8 s with it, on the 2-core dev machine).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first pytest process; xdist workers inherit it
+    _cache = tempfile.mkdtemp(prefix="maxtrain-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # -O0 compiles are short: cache them all
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import pytest  # noqa: E402
