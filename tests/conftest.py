@@ -5,9 +5,9 @@ about 3x faster and keeps results exact, so the suite stays inside the CI budget
 tests compile the same programs again (every test that builds an experiment, every
 subprocess run and its resumed twin), so the run shares one JAX persistent compilation
 cache: a fresh directory per pytest run, inherited by the xdist workers and by every
-`maxtrain` subprocess, removed at exit. Cached executables are the compiled programs
-themselves: results are bitwise those of a cold compile (the full suite measured 20 min 7 s
-without it, 17 min 8 s with it, on the 2-core dev machine).
+`maxtrain` subprocess, removed at exit. A cache hit loads the executable an earlier cold
+compile of the same program wrote, so every test still checks compiled code (the full
+suite measured 20 min 7 s without it, 15-17 min with it, on the 2-core dev machine).
 """
 
 import atexit
