@@ -7,8 +7,8 @@ Exports the SFT run with `convert_to_hf`, loads it as transformers'
 `LlamaForSequenceClassification` (num_labels=1; the `score` head starts at zero, as maxtrain's
 does, or `--head-init hf` at HF's normal(0.02)) and trains it in torch on the same rendered
 pairs (maxtrain's tokenizer and chat template) with the reward objective's loss,
--log sigmoid(r_c - r_r) + centring x (r_c + r_r)^2, AdamW with maxtrain's schedule (linear
-warmup, cosine to 0.1 x lr, global-norm clip 1). Every --every steps it prints the training
+-log sigmoid(r_c - r_r) + centring x (r_c + r_r)^2, and torch's AdamW set from maxtrain's
+OptimizerConfig (its betas, eps, global-norm clip and `build_schedule`'s learning rate). Every --every steps it prints the training
 loss and held-out pairwise accuracy, per task.
 
 When maxtrain's reward model stays below a bar, this separates "Bradley-Terry training from
@@ -18,7 +18,6 @@ weights, data and loss in another framework.
 
 import argparse
 import json
-import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -44,10 +43,12 @@ def main() -> None:
         from transformers import LlamaForSequenceClassification
     except ImportError:
         raise SystemExit("this benchmark needs torch and transformers: pip install 'maxtrain[test]'") from None
+    from maxtrain.config import OptimizerConfig
     from maxtrain.convert import convert_to_hf
     from maxtrain.data.formats import template_for
     from maxtrain.data.preference import PreferenceEncoder, pair_messages
     from maxtrain.data.tokenizer import load_tokenizer
+    from maxtrain.optim import build_schedule
 
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
@@ -55,9 +56,12 @@ def main() -> None:
 
     def load(path):
         pairs = []
-        for line in Path(path).read_text().splitlines():
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             rec = json.loads(line)
-            prompt, chosen, rejected, _, _ = pair_messages(rec)
+            parsed = pair_messages(rec)
+            if isinstance(parsed, str):
+                raise SystemExit(f"{path}:{n}: {parsed}")
+            prompt, chosen, rejected, _, _ = parsed
             pairs.append((enc.sequence(prompt, chosen)[0], enc.sequence(prompt, rejected)[0], rec.get("task", "all")))
         return pairs
 
@@ -92,16 +96,10 @@ def main() -> None:
         per_task = " ".join(f"{t} {right[t] / count[t]:.2f}" for t in sorted(count))
         return sum(right.values()) / len(pairs), per_task
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    floor = 0.1
-
-    def lr_at(step):  # maxtrain's default: linear warmup, cosine to floor x lr
-        if step < args.warmup:
-            return step / args.warmup
-        t = (step - args.warmup) / max(args.steps - args.warmup, 1)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    cfg = OptimizerConfig(lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0)  # reward.yaml's optimizer
+    schedule = build_schedule(cfg, args.steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: float(schedule(step)) / cfg.lr)
     order = torch.randperm(len(train)).tolist()
     losses, at = [], 0
     acc, per_task = accuracy(held)
@@ -115,7 +113,7 @@ def main() -> None:
         loss = (-torch.nn.functional.logsigmoid(r[0] - r[1]) + args.center * (r[0] + r[1]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         opt.step()
         sched.step()
         losses.append(loss.item())
